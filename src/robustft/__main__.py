@@ -1,0 +1,3 @@
+from robustft.cli import main
+
+main()

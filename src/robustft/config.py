@@ -1,0 +1,193 @@
+"""A run is one YAML file, validated here; unknown keys and bad values are errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from robustft.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(StrictModel):
+    """Which backbone, from which local file, with which zero-shot head."""
+
+    source: Literal["builtin", "timm", "open_clip"] = "builtin"
+    name: str = Field("digits_vit", description="timm or OpenCLIP model name, or 'digits_vit' (builtin)")
+    checkpoint: Path | None = Field(None, description="local weights file; builtin uses the packaged one")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model constructor args")
+    zero_shot_head: Literal["auto", "text", "classifier", "prototypes"] = Field(
+        "auto", description="auto: text for OpenCLIP, the pretrained classifier for timm/builtin"
+    )
+    templates: str | list[str] = Field("imagenet", description="'imagenet', 'simple', a file, or a list")
+    prototype_scale: float = Field(10.0, gt=0, description="logit scale of a class-prototype head")
+
+
+class DataConfig(StrictModel):
+    """The built-in benchmark, or image folders / CSV manifests with named splits."""
+
+    benchmark: Literal["digits_shift"] | None = "digits_shift"
+    root: Path | None = None
+    splits: dict[str, str] = Field(default_factory=dict, description="split name -> folder or .csv")
+    class_names: list[str] | str | None = None
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 256
+    num_workers: int = Field(0, ge=0)
+    augment: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.benchmark is None and not self.splits:
+            raise ValueError("set data.benchmark or data.splits")
+        if self.benchmark is not None and self.splits:
+            raise ValueError("data.benchmark and data.splits are exclusive; set benchmark: null to use splits")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW (or SGD) with linear warm-up then cosine decay to zero."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(StrictModel):
+    """Length, precision and bookkeeping of the training loop."""
+
+    epochs: PositiveInt | None = 10
+    steps: PositiveInt | None = Field(None, description="optimiser steps; overrides epochs")
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accumulation: PositiveInt = 1
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    device: str = "auto"
+    checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 10
+    stop_after: PositiveInt | None = Field(None, description="stop after this many steps (resumable)")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.epochs is None and self.steps is None:
+            raise ValueError("set train.epochs or train.steps")
+        return self
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's options: unknown options are errors, every field has a default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class MethodSpec(BaseModel):
+    """``method: {name: <registry key>, <option>: <value>, ...}``, options checked by the method."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "finetune"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(StrictModel):
+    name: str = "run"
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def method_options(self) -> MethodConfig:
+        """The method's validated option object (errors name ``method.<option>``)."""
+        from robustft.methods import get_method
+
+        method_cls = get_method(self.method.name)
+        try:
+            return method_cls.config_cls(**self.method.options())
+        except ValidationError as error:
+            raise ConfigError(_format_errors(error, prefix=("method",))) from None
+
+    @model_validator(mode="after")
+    def _known_method(self) -> RunConfig:
+        self.method_options()
+        return self
+
+
+def _format_errors(error: ValidationError, prefix: tuple = ()) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in (*prefix, *item["loc"]))
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(parts)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config dict."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=3e-5")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: '{part}' is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_format_errors(error)}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return parse_config(apply_overrides(raw, overrides or []), source)
+
+
+def write_resolved_config(config: RunConfig, path: Path) -> Path:
+    """Write the fully resolved config (method options included, defaults filled in)."""
+    data = config.model_dump(mode="json")
+    data["method"] = {"name": config.method.name, **config.method_options().model_dump(mode="json")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,141 @@
+"""The method interface and registry.
+
+One engine owns the loop, optimiser, precision, checkpoints and evaluation (STYLE.md, R1); a method
+only fills hooks, each with a do-nothing default, and keeps its maths in pure functions that
+tests call directly. ``@register_method`` adds a class to the registry under its ``name``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from robustft.config import MethodConfig
+from robustft.errors import ConfigError
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class RunContext:
+    """What a method may know about the run: data, device and where to write; never the CLI."""
+
+    run_dir: Path
+    device: torch.device
+    seed: int
+    splits: dict[str, Dataset]
+    class_names: list[str]
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    log: Callable[[str], None] = print
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def for_run(self, run_dir: Path, seed: int, log: Callable[[str], None]) -> RunContext:
+        """The same data and device for another run (fresh ``extras``)."""
+        return replace(self, run_dir=run_dir, seed=seed, log=log, extras={})
+
+    def iterate(self, split: str, batch_size: int | None = None) -> Iterator[Batch]:
+        """Batches of a split in a fixed order, on the run's device (for pre-passes and probes)."""
+        from robustft.data import sequential_loader
+
+        loader = sequential_loader(self.splits[split], batch_size or self.eval_batch_size, self.num_workers)
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class Method:
+    """Base class: plain cross-entropy fine-tuning of every parameter that requires a gradient.
+
+    Subclasses set ``name`` (lower snake case, the registry key) and ``config_cls`` (a
+    ``MethodConfig`` whose fields all have defaults and descriptions) and override only the hooks
+    they need. The docstring of a subclass cites its paper.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    trains: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Change the model before training (freeze, add adapters); returns the model to train."""
+        return model
+
+    def setup(self, model: nn.Module, ctx: RunContext) -> None:
+        """Pre-passes over data before the first step (probes, importance scores)."""
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser groups: decay matrices, not biases, norms or embeddings' position tables."""
+        return default_parameter_groups(model, weight_decay)
+
+    def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels), {}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Edit gradients before clipping and the optimiser step."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Update method state after the optimiser step."""
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Turn the trained model into the predictor that is evaluated and saved."""
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that a checkpoint must carry to resume exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_matrix = parameter.ndim >= 2 and not name.endswith(("pos_embed", "cls_token", "positional_embedding"))
+        (decay if is_matrix else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if not _NAME_PATTERN.match(cls.name):
+        raise ValueError(f"method name {cls.name!r} must be lower snake case")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name: unknown method '{name}' (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
+    """(option, default, description) for ``robustft methods``."""
+    return [
+        (name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()
+    ]

@@ -1,0 +1,19 @@
+"""Zero-shot: the pretrained backbone with its zero-shot head, no training (the robustness reference)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from robustft.methods.base import Method, RunContext, register_method
+
+
+@register_method
+class ZeroShot(Method):
+    """Evaluate ``f_zs`` as it is (METHODS.md, "Baselines: ZS")."""
+
+    name = "zeroshot"
+    trains = False
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        model.requires_grad_(False)
+        return model

@@ -1,0 +1,305 @@
+"""Turn results.json files into tables, an ID-vs-OOD figure and a Markdown report.
+
+The point of robust fine-tuning is a trade-off between in-distribution (ID) and out-of-distribution (OOD)
+accuracy, so every view here shows both side by side, plus effective robustness: OOD accuracy above the
+zero-shot / fine-tune trade-off line (see :mod:`robustft.robustness`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
+from robustft.errors import DataError
+from robustft.robustness import add_effective_robustness, inverse_logit, logit, ood_average, tradeoff_line
+
+RESULTS_NAME = "results.json"
+FIGURE_NAME = "id_vs_ood.png"
+FIGSIZE = (6.0, 4.5)
+DPI = 150
+# Baselines first, in the order a reader compares them; everything else follows alphabetically.
+METHOD_ORDER = ("zeroshot", "linear_probe", "finetune", "lp_ft")
+MISSING = "-"
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_results(paths: list[Path]) -> dict[str, Any]:
+    """Merge the results.json files at ``paths`` (files, or directories searched recursively).
+
+    Methods are run separately (one job per method, often per machine), so a report starts by gathering
+    their files. Results from different benchmarks are not comparable and are refused. When two files hold
+    the same method with different numbers, neither is silently dropped: the later keeps the plain name
+    and the earlier one is kept as ``<method>@<its parent directory>``.
+    """
+    files = _find_results_files(paths)
+    if not files:
+        raise DataError(f"no {RESULTS_NAME} found in: {', '.join(str(p) for p in paths) or '(no paths)'}")
+    merged: dict[str, Any] | None = None
+    first_file = files[0]
+    origin: dict[str, Path] = {}
+    for file in files:
+        data = _read_results_file(file)
+        if merged is None:
+            merged = {"benchmark": data["benchmark"], "seed": data.get("seed"), "methods": {}}
+        elif data["benchmark"] != merged["benchmark"]:
+            raise DataError(
+                f"cannot mix benchmarks: {merged['benchmark']!r} in {first_file} "
+                f"but {data['benchmark']!r} in {file}"
+            )
+        _merge_methods(merged["methods"], origin, data["methods"], file)
+    assert merged is not None
+    return merged
+
+
+def _find_results_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(path.rglob(RESULTS_NAME)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"results path does not exist: {path}")
+    unique: dict[Path, Path] = {}
+    for file in files:
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values())
+
+
+def _read_results_file(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read results file {file}: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict) or "benchmark" not in data:
+        raise DataError(f"not a robustft results file (needs 'benchmark' and 'methods'): {file}")
+    for name, entry in data["methods"].items():
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("ood", {}), dict):
+            raise DataError(f"method {name!r} in {file} needs an 'id' accuracy and an 'ood' mapping")
+    return data
+
+
+def _merge_methods(
+    merged: dict[str, Any], origin: dict[str, Path], methods: dict[str, Any], file: Path
+) -> None:
+    for name, entry in methods.items():
+        if name in merged and merged[name] != entry and origin[name] != file:
+            kept = _unique_name(f"{name}@{origin[name].parent.name}", merged)
+            merged[kept] = merged[name]
+            origin[kept] = origin[name]
+        merged[name] = entry
+        origin[name] = file
+
+
+def _unique_name(name: str, taken: dict[str, Any]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}#{n}", n + 1
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of formatted cells, shared by the Markdown and terminal tables.
+
+    Effective robustness is (re)computed here so every view uses the same definition; it is "-" when
+    the zero-shot or fine-tune baseline is missing.
+    """
+    results = add_effective_robustness(results)
+    methods = results["methods"]
+    splits = _ood_splits(methods)
+    header = ["method", "ID", *splits, "OOD avg", "eff. robustness", "train s", "trainable params"]
+    rows = [_table_row(name, methods[name], splits) for name in ordered_methods(methods)]
+    return header, rows
+
+
+def ordered_methods(methods: dict[str, Any]) -> list[str]:
+    """Baselines first (zeroshot, linear_probe, finetune, lp_ft), then the rest alphabetically.
+
+    Renamed duplicates (``finetune@run2``) sort right after their base method.
+    """
+
+    def key(name: str) -> tuple[int, str, str]:
+        base = name.split("@", 1)[0]
+        rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        return rank, base, name
+
+    return sorted(methods, key=key)
+
+
+def _ood_splits(methods: dict[str, Any]) -> list[str]:
+    return sorted({split for entry in methods.values() for split in (entry.get("ood") or {})})
+
+
+def _table_row(name: str, entry: dict[str, Any], splits: list[str]) -> list[str]:
+    ood = entry.get("ood") or {}
+    return [
+        name,
+        _fmt(entry.get("id")),
+        *(_fmt(ood.get(split)) for split in splits),
+        _fmt(ood_average(entry)),
+        _fmt(entry.get("effective_robustness"), signed=True),
+        _fmt(entry.get("train_seconds"), decimals=1),
+        human_count(entry.get("trainable_params")),
+    ]
+
+
+def _fmt(value: float | None, decimals: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    rounded = round(float(value), decimals) + 0.0  # + 0.0 turns -0.0 into 0.0, so no "-0.00"
+    return f"{rounded:{'+' if signed else ''}.{decimals}f}"
+
+
+def human_count(n: int | None) -> str:
+    """Parameter counts as a reader says them: 950, 12.3K, 1.2M, 86.6M, 1.1B."""
+    if n is None:
+        return MISSING
+    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= threshold:
+            return f"{n / threshold:.1f}{suffix}"
+    return str(int(n))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results table as GitHub Markdown, numbers right-aligned."""
+    header, rows = results_table(results)
+    return _markdown(header, rows)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    align = ["---", *["---:"] * (len(header) - 1)]
+    return "\n".join([line(header), line(align), *(line(row) for row in rows)]) + "\n"
+
+
+def print_table(results: dict[str, Any], console: Console | None = None) -> None:
+    """Print the results table to the terminal (rich)."""
+    header, rows = results_table(results)
+    table = Table(title=f"{results.get('benchmark', '')} (seed {results.get('seed')})")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row)
+    (console or Console()).print(table)
+
+
+def macro_f1_table(results: dict[str, Any]) -> str | None:
+    """Per-split macro-F1 as Markdown, or None when no method recorded it.
+
+    Accuracy hides classes a method gives up on under shift; macro-F1 exposes them.
+    """
+    methods = results["methods"]
+    with_f1 = [name for name in ordered_methods(methods) if methods[name].get("macro_f1")]
+    if not with_f1:
+        return None
+    splits = sorted({split for name in with_f1 for split in methods[name]["macro_f1"]})
+    rows = [[name, *(_fmt(methods[name]["macro_f1"].get(s)) for s in splits)] for name in with_f1]
+    return _markdown(["method", *splits], rows)
+
+
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def plot_id_vs_ood(results: dict[str, Any], path: Path) -> Path:
+    """Scatter ID accuracy against OOD average, one labelled point per method; returns the PNG path.
+
+    The curve is the zero-shot / fine-tune trade-off line (straight in logit space, so curved here);
+    points above it have positive effective robustness. The dashed diagonal is OOD = ID: the distance
+    below it is how much the distribution shift costs. Also writes an SVG with the same stem.
+    """
+    png, svg = Path(path).with_suffix(".png"), Path(path).with_suffix(".svg")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    methods = results["methods"]
+    names = [n for n in ordered_methods(methods) if not math.isnan(ood_average(methods[n]))]
+    xs = np.array([float(methods[n]["id"]) for n in names])
+    ys = np.array([ood_average(methods[n]) for n in names])
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    lo, hi = _axis_range(np.concatenate([xs, ys]))
+    ax.plot([lo, hi], [lo, hi], linestyle="--", color="0.6", linewidth=1, label="OOD = ID")
+    if "zeroshot" in methods and "finetune" in methods:
+        _plot_tradeoff(ax, methods, xs, lo, hi)
+    ax.scatter(xs, ys, zorder=3, color="C0")
+    for name, x, y in zip(names, xs, ys, strict=True):
+        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
+    ax.set_title(f"{results.get('benchmark', '')}: ID vs OOD accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(png, dpi=DPI, format="png")
+    fig.savefig(svg, format="svg", metadata={"Date": None})
+    return png
+
+
+def _axis_range(values: np.ndarray) -> tuple[float, float]:
+    if values.size == 0:
+        return 0.0, 100.0
+    pad = max(2.0, 0.08 * float(values.max() - values.min()))
+    return max(0.0, float(values.min()) - pad), min(100.0, float(values.max()) + pad)
+
+
+def _plot_tradeoff(ax: Any, methods: dict[str, Any], xs: np.ndarray, lo: float, hi: float) -> None:
+    zs, ft = methods["zeroshot"], methods["finetune"]
+    slope, intercept = tradeoff_line((float(zs["id"]), ood_average(zs)), (float(ft["id"]), ood_average(ft)))
+    grid = np.linspace(max(lo, 0.1), min(hi, 99.9), 200)
+    ax.plot(grid, inverse_logit(slope * logit(grid) + intercept), color="C1", linewidth=1.5,
+            label="zero-shot / fine-tune trade-off (logit fit)")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+_HOW_TO_READ = """\
+## How to read this
+
+- **ID** is accuracy on the `id_test` split (the distribution the model was fine-tuned on).
+- **OOD avg** is the unweighted mean accuracy over the OOD splits, so every kind of shift counts equally.
+- **Eff. robustness** is OOD accuracy above the zero-shot / fine-tune trade-off line, fitted in logit
+  space (Taori et al., 2020), in percentage points. Zero-shot and fine-tune sit on the line (0) by
+  construction; a positive value means a method keeps more robustness than its ID accuracy predicts.
+- All numbers are percentages; "-" means the method was not evaluated on that split.
+"""
+
+
+def write_report(results: dict[str, Any], out_dir: Path, title: str | None = None) -> Path:
+    """Write results.json (with effective robustness), id_vs_ood.png/.svg and report.md; return report.md.
+
+    The merged results.json sits next to the report so the numbers behind every table stay inspectable.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = add_effective_robustness(results)
+    (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    figure = plot_id_vs_ood(results, out_dir / FIGURE_NAME)
+    report = out_dir / "report.md"
+    report.write_text(_report_markdown(results, figure.name, title), encoding="utf-8")
+    return report
+
+
+def _report_markdown(results: dict[str, Any], figure_name: str, title: str | None) -> str:
+    benchmark = results.get("benchmark", "")
+    parts = [
+        f"# {title or f'robustft results: {benchmark}'}\n",
+        f"- Benchmark: `{benchmark}`\n- Seed: {results.get('seed')}\n",
+        "## Accuracy (%)\n",
+        markdown_table(results),
+    ]
+    f1 = macro_f1_table(results)
+    if f1 is not None:
+        parts += ["## Macro-F1 per split\n", f1]
+    parts += ["## ID vs OOD\n", f"![ID vs OOD accuracy]({figure_name})\n", _HOW_TO_READ]
+    return "\n".join(parts)

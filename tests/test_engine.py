@@ -1,0 +1,54 @@
+"""The engine: resume is exact, schedule shape, NaN guard, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustft.backbones.checkpoint_files import load_state_dict_file
+from robustft.demo import demo_config
+from robustft.engine import NonFiniteLossError, warmup_cosine
+from robustft.runner import FINAL_CHECKPOINT, fit
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def short_config(out, name, **train):
+    config = demo_config("finetune", 0, out, steps=6, checkpoint_every=2, log_every=1, progress=False, **train)
+    return config.model_copy(update={"name": name})
+
+
+def test_resume_after_stop_matches_uninterrupted_run(tmp_path, digits_prepared):
+    fit(short_config(tmp_path, "full"), log=quiet, prepared=digits_prepared)
+    stopped = short_config(tmp_path, "resumed", stop_after=3)
+    assert fit(stopped, log=quiet, prepared=digits_prepared) == {}
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "resumed" / FINAL_CHECKPOINT).exists()
+    fit(short_config(tmp_path, "resumed"), resume=True, log=quiet, prepared=digits_prepared)
+    full = load_state_dict_file(tmp_path / "full" / FINAL_CHECKPOINT)
+    resumed = load_state_dict_file(tmp_path / "resumed" / FINAL_CHECKPOINT)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_warmup_then_cosine():
+    values = [warmup_cosine(step, total=10, warmup=2, schedule="cosine") for step in range(10)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
+    assert warmup_cosine(9, total=10, warmup=2, schedule="constant") == 1.0
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, digits_prepared):
+    config = short_config(tmp_path, "nan").model_copy()
+    config.optim.lr = 1e30
+    config.train.grad_clip = None
+    with pytest.raises(NonFiniteLossError, match="loss is"):
+        fit(config, log=quiet, prepared=digits_prepared)
