@@ -13,7 +13,7 @@ from rich.console import Console
 from robustft.errors import RobustftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Robust fine-tuning of vision foundation models.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get the whole table
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
 

@@ -49,7 +49,7 @@ def run_demo(
     merged: dict[str, Any] = {"benchmark": prepared.benchmark, "seed": seed, "methods": {}}
     for name in names:
         config = demo_config(name, seed, out, epochs, progress=progress)
-        log(f"[{name}] training..." if _trains(name) else f"[{name}] evaluating...")
+        log(f"{name}: training..." if _trains(name) else f"{name}: evaluating...")
         results = fit(config, log=log, prepared=prepared)
         merged["methods"].update(results["methods"])
     report = write_report(merged, out, title="robustft demo: digits-shift")

@@ -212,4 +212,5 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", leave=False, dynamic_ncols=True)
+    disable = None if enabled else True  # None: tqdm turns itself off when stderr is not a terminal
+    return tqdm(total=total, initial=initial, disable=disable, desc="train", leave=False, dynamic_ncols=True)
