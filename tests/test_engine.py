@@ -38,6 +38,22 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path, digits_prepared):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, digits_prepared):
+    """Two accumulated batches of 32 give the same update as one batch of 64 (same samples, mean loss)."""
+    big = short_config(tmp_path, "big").model_copy(deep=True)
+    big.train.steps, big.train.grad_clip = 1, None
+    big.optim.name, big.optim.momentum, big.optim.lr = "sgd", 0.0, 0.1  # SGD: a wrong scale would show
+    small = big.model_copy(deep=True, update={"name": "small"})
+    small.data.batch_size, small.train.grad_accumulation = 32, 2
+    for config in (big, small):
+        fit(config, log=quiet, prepared=digits_prepared)
+    a = load_state_dict_file(tmp_path / "big" / FINAL_CHECKPOINT)
+    b = load_state_dict_file(tmp_path / "small" / FINAL_CHECKPOINT)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    base = digits_prepared.model.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the step did change the weights
+
+
 def test_warmup_then_cosine():
     values = [warmup_cosine(step, total=10, warmup=2, schedule="cosine") for step in range(10)]
     assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
