@@ -17,18 +17,19 @@ def quiet(message: str) -> None:
     pass
 
 
-def short_config(out, name, **train):
-    config = demo_config("finetune", 0, out, steps=6, checkpoint_every=2, log_every=1, progress=False, **train)
+def short_config(out, name, method="finetune", **train):
+    config = demo_config(method, 0, out, steps=6, checkpoint_every=2, log_every=1, progress=False, **train)
     return config.model_copy(update={"name": name})
 
 
-def test_resume_after_stop_matches_uninterrupted_run(tmp_path, digits_prepared):
-    fit(short_config(tmp_path, "full"), log=quiet, prepared=digits_prepared)
-    stopped = short_config(tmp_path, "resumed", stop_after=3)
+@pytest.mark.parametrize("method", ["finetune", "mixout"])  # mixout draws masks from the global RNG
+def test_resume_after_stop_matches_uninterrupted_run(tmp_path, digits_prepared, method):
+    fit(short_config(tmp_path, "full", method), log=quiet, prepared=digits_prepared)
+    stopped = short_config(tmp_path, "resumed", method, stop_after=3)
     assert fit(stopped, log=quiet, prepared=digits_prepared) == {}
     assert (tmp_path / "resumed" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "resumed" / FINAL_CHECKPOINT).exists()
-    fit(short_config(tmp_path, "resumed"), resume=True, log=quiet, prepared=digits_prepared)
+    fit(short_config(tmp_path, "resumed", method), resume=True, log=quiet, prepared=digits_prepared)
     full = load_state_dict_file(tmp_path / "full" / FINAL_CHECKPOINT)
     resumed = load_state_dict_file(tmp_path / "resumed" / FINAL_CHECKPOINT)
     assert full.keys() == resumed.keys()

@@ -63,6 +63,97 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a finished run direct
     print_table(evaluate_run(run_dir, log=console.print), console)
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) every point starts from")],
+    grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,... (repeatable; all combinations)")],
+    overrides: SetOption = None,
+) -> None:
+    """Fit every point of a hyper-parameter grid into <output_dir>/<name>/<point>/; finished points are skipped."""
+    from rich.table import Table
+
+    from robustft.sweep import parse_grid_option, run_sweep
+
+    result = run_sweep(config, [parse_grid_option(g) for g in grid], overrides, log=console.print)
+    table = Table("point", "status", "ID", "OOD avg", title=f"sweep: {result.directory}")
+    for point in result.points:
+        entry = next(iter((point.results or {}).get("methods", {}).values()), {})
+        table.add_row(point.name, point.status, _number(entry.get("id")), _number(entry.get("ood_avg")))
+    console.print(table)
+    failed = [point.name for point in result.points if point.status == "failed"]
+    if failed:
+        console.print(f"failed points (re-run the command to retry them): {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+AlphasOption = Annotated[str | None, typer.Option(help="comma-separated alphas to evaluate (default 0,0.1,...,1)")]
+AlphaOption = Annotated[float | None, typer.Option(help="use this alpha instead of the best on id_val")]
+PosthocOut = Annotated[Path | None, typer.Option(help="directory for the new run (default: RUN_DIR)")]
+
+
+def _alpha_options(alphas: str | None, alpha: float | None) -> dict[str, object]:
+    from robustft.errors import ConfigError
+
+    options: dict[str, object] = {}
+    if alphas:
+        try:
+            options["alphas"] = [float(a) for a in alphas.split(",") if a.strip()]
+        except ValueError:
+            raise ConfigError(f"--alphas {alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if alpha is not None:
+        options["alpha"] = alpha
+    return options
+
+
+@app.command()
+def wise(
+    run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
+    alphas: AlphasOption = None,
+    alpha: AlphaOption = None,
+    out: PosthocOut = None,
+) -> None:
+    """WiSE-FT: interpolate the run's zero-shot and fine-tuned weights; writes <out>/wise_ft/."""
+    _posthoc("wise_ft", run_dir, _alpha_options(alphas, alpha), out)
+
+
+@app.command()
+def ose(
+    run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
+    alphas: AlphasOption = None,
+    alpha: AlphaOption = None,
+    out: PosthocOut = None,
+) -> None:
+    """Output-space ensemble of the run's zero-shot and fine-tuned models; writes <out>/output_ensemble/."""
+    _posthoc("output_ensemble", run_dir, _alpha_options(alphas, alpha), out)
+
+
+def _posthoc(method: str, run_dir: Path, options: dict[str, object], out: Path | None) -> None:
+    from robustft.posthoc import run_posthoc
+    from robustft.report import print_table
+
+    results = run_posthoc(method, run_dir, options, out, log=console.print)
+    print_table(results, console)
+    console.print(f"run directory: {(out or run_dir) / method}")
+
+
+@app.command()
+def soup(
+    sweep_dir: Annotated[Path, typer.Argument(help="a sweep directory (or a folder of finished runs)")],
+    methods: Annotated[str, typer.Option(help="which soups")] = "uniform_soup,greedy_soup",
+    out: Annotated[Path | None, typer.Option(help="directory for the soup runs (default: SWEEP_DIR)")] = None,
+) -> None:
+    """Model Soups over the finished runs of a sweep; writes <out>/uniform_soup/ and <out>/greedy_soup/."""
+    from robustft.posthoc import run_soups
+    from robustft.report import print_table
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    print_table(run_soups(sweep_dir, chosen, out, log=console.print), console)
+
+
 @app.command("methods")
 def methods_command() -> None:
     """List every registered method with its options and defaults."""
@@ -93,6 +184,21 @@ def report(
     path = write_report(results, out)
     print_table(results, console)
     console.print(f"report: {path}")
+
+
+@app.command()
+def cam(
+    target: Annotated[str, typer.Argument(help="an image file, or a split of the run's data (e.g. id_test)")],
+    run: Annotated[Path, typer.Option("--run", help="a finished run directory")],
+    out: Annotated[Path, typer.Option(help="where to write the PNGs")] = Path("cam"),
+    count: Annotated[int, typer.Option(help="images taken from a split")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the mask and the refill donors")] = 0,
+) -> None:
+    """PNG overlays of the CAM and of the masked and refilled images (masked-counterfactual method)."""
+    from robustft.cam import run_cam_figures
+
+    paths = run_cam_figures(target, run, out, count=count, seed=seed)
+    console.print(f"wrote {len(paths)} figures to {out}")
 
 
 @app.command("pretrain-digits")

@@ -105,6 +105,7 @@ class Engine:
             resumed_from = state.restore(load_training_state(checkpoint_path), model, optimizer, scheduler, method)
             ctx.log(f"resumed from {checkpoint_path} at step {resumed_from}")
             _truncate_jsonl(ctx.run_dir / "metrics.jsonl", resumed_from)
+        method.bind_optimizer(optimizer)
         stop_at = min(total, self.train.stop_after) if self.train.stop_after else total
         metrics_path = ctx.run_dir / "metrics.jsonl"
         batches = state.batches(train_split, self.batch_size, ctx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,10 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     splits = _ood_splits(methods)
     header = ["method", "ID", *splits, "OOD avg", "eff. robustness", "train s", "trainable params"]
     rows = [_table_row(name, methods[name], splits) for name in ordered_methods(methods)]
+    if any("active_params" in entry for entry in methods.values()):  # sparse methods: coordinates updated per step
+        header.append("active params")
+        for row, name in zip(rows, ordered_methods(methods), strict=True):
+            row.append(human_count(methods[name].get("active_params")))
     return header, rows
 
 
@@ -261,6 +266,47 @@ def _plot_tradeoff(ax: Any, methods: dict[str, Any], xs: np.ndarray, lo: float, 
             label="zero-shot / fine-tune trade-off (logit fit)")
 
 
+def plot_alpha_curve(
+    curve: list[dict[str, Any]], path: Path, title: str = "", chosen: float | None = None
+) -> Path:
+    """ID accuracy against OOD average along a mixing-coefficient sweep, points labelled by alpha.
+
+    ``curve`` holds ``{"alpha", "id", "ood_avg", ...}`` points (WiSE-FT, output ensembles). The
+    orange line is the trade-off line through the alpha-0 and alpha-1 ends (zero-shot and fine-tuned,
+    straight in logit space as in :func:`plot_id_vs_ood`): where the sweep bulges above it, mixing
+    beats both ends' trade-off. The ``chosen`` alpha is ringed. Returns the PNG; also writes an SVG.
+    """
+    png, svg = Path(path).with_suffix(".png"), Path(path).with_suffix(".svg")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    points = sorted(curve, key=lambda point: point["alpha"])
+    alphas = [float(point["alpha"]) for point in points]
+    xs = np.array([float(point["id"]) for point in points])
+    ys = np.array([float(point["ood_avg"]) for point in points])
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    (x_lo, x_hi), (y_lo, y_hi) = _axis_range(xs), _axis_range(ys)
+    if len(points) >= 2:
+        slope, intercept = tradeoff_line((xs[0], ys[0]), (xs[-1], ys[-1]))
+        grid = np.linspace(max(x_lo, 0.1), min(x_hi, 99.9), 200)
+        ax.plot(grid, inverse_logit(slope * logit(grid) + intercept), color="C1", linewidth=1.5,
+                label=f"trade-off line through alpha {alphas[0]:g} and {alphas[-1]:g} (logit fit)")
+    ax.plot(xs, ys, marker="o", color="C0", zorder=3, label="alpha sweep")
+    for alpha, x, y in zip(alphas, xs, ys, strict=True):
+        ax.annotate(f"{alpha:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    if chosen is not None and chosen in alphas:
+        i = alphas.index(chosen)
+        ax.scatter([xs[i]], [ys[i]], s=160, facecolors="none", edgecolors="C3", linewidths=1.5, zorder=4,
+                   label=f"chosen: alpha {chosen:g}")
+    ax.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
+    ax.set_title(title or "ID vs OOD accuracy over alpha")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(png, dpi=DPI, format="png")
+    fig.savefig(svg, format="svg", metadata={"Date": None})
+    return png
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 _HOW_TO_READ = """\
@@ -286,11 +332,19 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str | None = Non
     (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     figure = plot_id_vs_ood(results, out_dir / FIGURE_NAME)
     report = out_dir / "report.md"
-    report.write_text(_report_markdown(results, figure.name, title), encoding="utf-8")
+    curves = {
+        name: plot_alpha_curve(entry["curve"], out_dir / f"{_file_stem(name)}_curve.png",
+                               title=f"{name}: ID vs OOD over alpha", chosen=entry.get("alpha")).name
+        for name, entry in results["methods"].items()
+        if isinstance(entry.get("curve"), list)
+    }
+    report.write_text(_report_markdown(results, figure.name, title, curves), encoding="utf-8")
     return report
 
 
-def _report_markdown(results: dict[str, Any], figure_name: str, title: str | None) -> str:
+def _report_markdown(
+    results: dict[str, Any], figure_name: str, title: str | None, curves: dict[str, str] | None = None
+) -> str:
     benchmark = results.get("benchmark", "")
     parts = [
         f"# {title or f'robustft results: {benchmark}'}\n",
@@ -301,5 +355,47 @@ def _report_markdown(results: dict[str, Any], figure_name: str, title: str | Non
     f1 = macro_f1_table(results)
     if f1 is not None:
         parts += ["## Macro-F1 per split\n", f1]
-    parts += ["## ID vs OOD\n", f"![ID vs OOD accuracy]({figure_name})\n", _HOW_TO_READ]
+    parts += ["## ID vs OOD\n", f"![ID vs OOD accuracy]({figure_name})\n"]
+    parts += [*_alpha_sweep_section(results, curves or {}), *_soup_section(results), _HOW_TO_READ]
     return "\n".join(parts)
+
+
+def _alpha_sweep_section(results: dict[str, Any], curves: dict[str, str]) -> list[str]:
+    """The picks of every method that swept a mixing coefficient (``curves``: method -> its figure)."""
+    methods = results["methods"]
+    swept = [name for name in ordered_methods(methods) if name in curves]
+    if not swept:
+        return []
+    header = ["method", "alpha", "chosen on", "ID", "OOD avg", "oracle alpha: best ID", "oracle alpha: best OOD"]
+    rows, figures = [], []
+    for name in swept:
+        entry = methods[name]
+        rows.append([name, _alpha(entry.get("alpha")), str(entry.get("alpha_chosen_on", MISSING)),
+                     _fmt(entry.get("id")), _fmt(ood_average(entry)),
+                     _alpha(entry.get("oracle_alpha_id")), _alpha(entry.get("oracle_alpha_ood"))])
+        figures.append(f"![{name}: ID vs OOD over alpha]({curves[name]})\n")
+    note = ("The oracle alphas are the best on the test splits: they show what a pick could reach and are not "
+            "results. The reported alpha is chosen on `id_val` (or fixed in the run's config).\n")
+    return ["## Mixing-coefficient sweeps\n", _markdown(header, rows), note, *figures]
+
+
+def _soup_section(results: dict[str, Any]) -> list[str]:
+    methods = results["methods"]
+    soups = [name for name in ordered_methods(methods) if isinstance(methods[name].get("ingredients"), list)]
+    if not soups:
+        return []
+    rows = []
+    for name in soups:
+        entry = methods[name]
+        kept = entry.get("kept", entry["ingredients"])
+        rows.append([name, str(len(entry["ingredients"])), str(len(kept)), _fmt(entry.get("id")),
+                     _fmt(ood_average(entry))])
+    return ["## Model soups\n", _markdown(["method", "ingredients", "kept", "ID", "OOD avg"], rows)]
+
+
+def _alpha(value: float | None) -> str:
+    return MISSING if value is None else f"{float(value):g}"
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

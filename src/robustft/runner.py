@@ -17,11 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from robustft.backbones.checkpoint_files import (
-    load_state_dict_file,
-    load_state_dict_strict,
-    save_state_dict_file,
-)
+from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
 from robustft.config import RunConfig, load_config, write_resolved_config
@@ -68,6 +64,7 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
         eval_batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
         log=log,
+        model_spec=config.model.model_dump(mode="json"),
     )
     return Prepared(model, ctx, benchmark_name(config))
 
@@ -122,10 +119,21 @@ def fit(
     save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
     entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers))
     entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
-    entry |= {key: value for key, value in ctx.extras.items() if isinstance(value, int | float | str)}
+    entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
     results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.name: entry}}
     (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
+
+
+def is_json_value(value: Any) -> bool:
+    """Whether ``value`` is plain JSON (scalars, and lists / str-keyed dicts of them): what results.json takes."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(is_json_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_json_value(item) for key, item in value.items())
+    return False
 
 
 def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -134,10 +142,9 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
     config = config.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
     prepared = prepare_run(config, log)
     method: Method = get_method(config.method.name)(config.method_options())
-    path = run_dir / FINAL_CHECKPOINT
-    load_state_dict_strict(prepared.model, load_state_dict_file(path), path, config.model.name)
+    predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx
-    entry = summarize(evaluate_splits(prepared.model, ctx.splits, ctx.device, ctx.eval_batch_size))
+    entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size))
     previous = run_dir / RESULTS_FILE
     if previous.is_file():
         old = json.loads(previous.read_text())["methods"].get(method.name, {})

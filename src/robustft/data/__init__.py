@@ -13,10 +13,14 @@ from robustft.errors import DataError
 
 
 def _loader(dataset: Dataset, order: list[int], batch_size: int, num_workers: int) -> DataLoader:
+    """A loader over a fixed order. It gets its own generator: a DataLoader otherwise draws its worker
+    seed from the global RNG each time it is iterated, which would shift dropout / mixout masks after a
+    mid-epoch resume."""
     batches = BatchSampler(order, batch_size, drop_last=False)
+    generator = torch.Generator().manual_seed(len(order))
     if getattr(dataset, "supports_batch_indexing", False):
-        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, generator=generator)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=generator)
 
 
 def sequential_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:

@@ -1,6 +1,18 @@
 """Methods: one file, one class each; importing this package registers them all."""
 
-from robustft.methods import finetune, linear_probe, lp_ft, zeroshot  # noqa: F401  (registration)
+from robustft.methods import (  # noqa: F401  (registration)
+    finetune,
+    gmixout,
+    linear_probe,
+    lp_ft,
+    masked_counterfactual,
+    mixout,
+    model_soup,
+    output_ensemble,
+    saft,
+    wise_ft,
+    zeroshot,
+)
 from robustft.methods.base import (
     Method,
     RunContext,

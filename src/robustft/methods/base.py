@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 
@@ -37,6 +38,9 @@ class RunContext:
     num_workers: int = 0
     log: Callable[[str], None] = print
     extras: dict[str, Any] = field(default_factory=dict)
+    model_spec: dict[str, Any] = field(default_factory=dict)
+    """The run's ``model:`` config section (JSON values); post-hoc methods check that the runs they
+    combine start from the same model."""
 
     def for_run(self, run_dir: Path, seed: int, log: Callable[[str], None]) -> RunContext:
         """The same data and device for another run (fresh ``extras``)."""
@@ -62,6 +66,10 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
+    needs_finetuned_run: ClassVar[bool] = False
+    """Post-hoc over a finished fine-tuning run, named by the config option ``finetuned_run``."""
+    needs_ingredients: ClassVar[bool] = False
+    """Post-hoc over several finished runs, named by the config option ``ingredients``."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -77,6 +85,10 @@ class Method:
         """Optimiser groups: decay matrices, not biases, norms or embeddings' position tables."""
         return default_parameter_groups(model, weight_decay)
 
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the engine has built (and, on resume, restored) the optimiser, for methods that
+        must edit optimiser state themselves (GMixout remaps Adam moments when it resamples its mask)."""
+
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         images, labels = batch
         return F.cross_entropy(model(images), labels), {}
@@ -89,6 +101,15 @@ class Method:
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Turn the trained model into the predictor that is evaluated and saved."""
+        return model
+
+    def load_predictor(self, model: nn.Module, checkpoint: Path, what: str) -> nn.Module:
+        """Rebuild the predictor ``finalize`` returned from its saved ``checkpoint`` (``robustft evaluate``).
+
+        ``model`` is a freshly prepared model of the run's config. A predictor that is not a plain
+        model of that architecture (an ensemble) overrides this to rebuild its own structure first.
+        """
+        load_state_dict_strict(model, load_state_dict_file(checkpoint), checkpoint, what)
         return model
 
     def state_dict(self) -> dict[str, Any]:

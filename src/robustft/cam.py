@@ -1,0 +1,583 @@
+"""Class activation maps for ViTs, patch masks and refilling: the counterfactual images of seed 002.
+
+Xiao et al., "Masked Images Are Counterfactual Samples for Robust Fine-tuning" (CVPR 2023,
+arXiv:2303.03052) mask the patches a class activation map (CAM) marks as the object (or the
+context, or random ones) and refill them with patches of other images of the batch; the
+fine-tuned model must then embed those images as the frozen pretrained model does. This module
+holds the parts that do not depend on training, as functions on batched tensors:
+
+- ``capture_attention``: the post-softmax attention of every block of a timm ViT or an OpenCLIP
+  ViT (default blocks, ``nn.MultiheadAttention``). Fused attention (``scaled_dot_product_attention``)
+  never materialises the probabilities, so the blocks run their explicit path while the context
+  is open and are restored on exit; timm is not forked and the model is unchanged afterwards.
+- ``attention_rollout_cam``: gradient-weighted attention rollout (Chefer et al., ICCV 2021, the
+  CAM the paper uses): per block ``A = mean_heads(clamp(dy/dattn * attn, min=0))``,
+  ``R <- R + A @ R`` from the identity, CAM = ``R[CLS, patches] / max``.
+- ``object_mask`` / ``context_mask`` / ``random_mask`` over patches and ``refill`` (single, multi,
+  none): the counterfactual images.
+- ``cam_figures``: PNG overlays for ``robustft cam``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MaskKind = Literal["object", "context", "random"]
+FillKind = Literal["single", "multi", "none"]
+
+
+# --- model geometry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """How a ViT cuts an image into tokens.
+
+    Attributes:
+        patch_size: ``(height, width)`` of one patch in pixels.
+        num_prefix_tokens: tokens before the patches (class token first, then registers).
+    """
+
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+
+    def grid(self, images: Tensor) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` of a batch ``[B, C, H, W]``."""
+        height, width = images.shape[-2:]
+        rows, cols = height // self.patch_size[0], width // self.patch_size[1]
+        if rows * self.patch_size[0] != height or cols * self.patch_size[1] != width:
+            raise ValueError(f"image size {(height, width)} is not a multiple of the patch size {self.patch_size}")
+        return rows, cols
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def patch_layout(model: nn.Module) -> PatchLayout:
+    """Find the ViT inside ``model`` (timm ``VisionTransformer`` or OpenCLIP's) and read its layout.
+
+    Raises:
+        ValueError: no ViT found, or one that does not classify from a class token (the rollout
+            CAM reads the class token's row, as in the paper).
+    """
+    for module in model.modules():
+        patch_embed = getattr(module, "patch_embed", None)
+        if patch_embed is not None and hasattr(patch_embed, "patch_size") and hasattr(module, "num_prefix_tokens"):
+            if getattr(module, "cls_token", None) is None or getattr(module, "global_pool", "token") != "token":
+                raise ValueError("attention-rollout CAM needs a ViT that classifies from its class token")
+            return PatchLayout(_pair(patch_embed.patch_size), int(module.num_prefix_tokens))
+        if hasattr(module, "class_embedding") and hasattr(module, "conv1") and hasattr(module, "patch_size"):
+            if getattr(module, "pool_type", "tok") != "tok" or getattr(module, "attn_pool", None) is not None:
+                raise ValueError("attention-rollout CAM needs a ViT that classifies from its class token")
+            return PatchLayout(_pair(module.patch_size), 1)
+    raise ValueError(f"no timm or OpenCLIP vision transformer found in {type(model).__name__}")
+
+
+# --- attention capture ------------------------------------------------------------------------
+
+
+def _timm_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm ``Attention``-like modules: a ``fused_attn`` flag and an ``attn_drop`` layer.
+
+    Their explicit path passes the post-softmax probabilities through ``attn_drop`` (identity in
+    eval mode) and multiplies the result with the values, so a hook there sees the tensor that
+    the output depends on.
+    """
+    return [
+        module
+        for name, module in model.named_modules()
+        if "attn_pool" not in name
+        and isinstance(getattr(module, "fused_attn", None), bool)
+        and isinstance(getattr(module, "attn_drop", None), nn.Module)
+    ]
+
+
+class AttentionCapture:
+    """Each block's attention probabilities, in forward order (see ``capture_attention``).
+
+    ``tensors`` are the graph nodes the output depends on (differentiate with respect to these);
+    ``per_head`` reshapes them, or their gradients, to ``[B, heads, L, L]``.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.shapes: list[torch.Size] = []
+
+    def per_head(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return [tensor.reshape(shape) for tensor, shape in zip(tensors, self.shapes, strict=True)]
+
+    def _from_dropout(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        self.tensors.append(output)
+        self.shapes.append(output.shape)
+
+    def _from_multihead(self, module: nn.MultiheadAttention, inputs: tuple, output: tuple) -> None:
+        weights = output[1]
+        # With average_attn_weights=False the returned weights are a view of the [B*heads, L, L]
+        # probabilities that multiply the values; only that base tensor is on the path to the output.
+        self.tensors.append(weights._base if weights._base is not None else weights)
+        self.shapes.append(weights.shape)
+
+
+def _need_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+
+@contextmanager
+def capture_attention(model: nn.Module) -> Iterator[AttentionCapture]:
+    """Record every block's attention probabilities during the forwards run inside the context.
+
+    timm blocks are switched to their explicit (non-fused) attention path and hooked at
+    ``attn_drop``; ``nn.MultiheadAttention`` (OpenCLIP's default block) is asked for per-head
+    weights. On exit the fused flags are restored and the hooks removed, so the model
+    computes exactly what it computed before.
+
+    Raises:
+        ValueError: the model has no attention module this function knows.
+    """
+    if any(isinstance(getattr(m, "use_fsdpa", None), bool) for m in model.modules()):
+        raise ValueError(
+            "OpenCLIP custom attention blocks (qk_norm, scaled cosine, ...) are not supported: their explicit "
+            "attention path fails in open_clip 3.3 (bmm on 4-D tensors); use the default block type"
+        )
+    timm_blocks = _timm_attention_modules(model)
+    multihead = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not timm_blocks and not multihead:
+        raise ValueError(f"no timm / OpenCLIP attention module found in {type(model).__name__}")
+    capture = AttentionCapture()
+    saved_flags = [(module, module.fused_attn) for module in timm_blocks]
+    handles = []
+    try:
+        for module in timm_blocks:
+            module.fused_attn = False
+            handles.append(module.attn_drop.register_forward_hook(capture._from_dropout))
+        for module in multihead:
+            handles.append(module.register_forward_pre_hook(_need_weights, with_kwargs=True))
+            handles.append(module.register_forward_hook(capture._from_multihead))
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, fused in saved_flags:
+            module.fused_attn = fused
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then every submodule's own mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# --- the CAM ----------------------------------------------------------------------------------
+
+
+def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """Gradient-weighted attention rollout (Chefer et al. 2021; Xiao et al. 2023, Sec. 3.2).
+
+    Args:
+        attentions: per block, attention probabilities ``[B, heads, L, L]``.
+        gradients: per block, d(class score)/d(attention), same shapes.
+
+    Returns:
+        the relevance matrix ``R`` ``[B, L, L]``: ``R_0 = I``, ``R <- R + mean_h(clamp(g * a, 0)) @ R``.
+    """
+    batch, _, length, _ = attentions[0].shape
+    relevance = torch.eye(length, device=attentions[0].device).expand(batch, length, length)
+    for attention, gradient in zip(attentions, gradients, strict=True):
+        weighted = (gradient.float() * attention.float()).clamp(min=0).mean(dim=1)
+        relevance = relevance + weighted @ relevance
+    return relevance
+
+
+class ClassActivation(NamedTuple):
+    """A CAM ``[B, rows, cols]`` in [0, 1] and the logits of the forward it came from."""
+
+    cam: Tensor
+    logits: Tensor
+
+
+def class_activation(
+    model: nn.Module, images: Tensor, labels: Tensor, layout: PatchLayout | None = None, keep_graph: bool = False
+) -> ClassActivation:
+    """The class activation map of ``labels`` over the patch grid, in [0, 1], one backward per batch.
+
+    ``model`` maps images to logits (an ``ImageClassifier`` over a timm or OpenCLIP ViT). It runs
+    in eval mode (as the official code does) with attention captured; the summed ground-truth
+    logits are differentiated with ``torch.autograd.grad`` with respect to the captured
+    attention only, so no parameter's ``.grad`` changes. The relevance of the class token to each
+    patch is divided by its per-image maximum (no minimum subtracted, as in the official code).
+
+    Args:
+        model: the classifier.
+        images: ``[B, 3, H, W]`` model inputs.
+        labels: ``[B]`` class whose evidence is mapped (the ground truth during training).
+        layout: the ViT's patch layout (found in ``model`` when None).
+        keep_graph: keep the forward's graph so that a loss on the returned logits can be
+            back-propagated into the parameters (otherwise the logits are detached).
+    """
+    layout = layout or patch_layout(model)
+    rows, cols = layout.grid(images)
+    probe = images.detach().requires_grad_(True)  # a graph exists even when every weight is frozen
+    with torch.enable_grad(), eval_mode(model), capture_attention(model) as capture:
+        logits = model(probe)
+        score = logits.gather(1, labels.view(-1, 1)).sum()
+        gradients = torch.autograd.grad(score, capture.tensors, retain_graph=keep_graph)
+    attentions = capture.per_head([tensor.detach() for tensor in capture.tensors])
+    relevance = gradient_rollout(attentions, capture.per_head(gradients))
+    start = layout.num_prefix_tokens
+    cam = relevance[:, 0, start:].reshape(-1, rows, cols)
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
+    return ClassActivation(cam, logits if keep_graph else logits.detach())
+
+
+def attention_rollout_cam(
+    model: nn.Module, images: Tensor, labels: Tensor, layout: PatchLayout | None = None
+) -> Tensor:
+    """``[B, rows, cols]`` CAM of ``labels`` (see ``class_activation``)."""
+    return class_activation(model, images, labels, layout).cam
+
+
+# --- masks and refilling ----------------------------------------------------------------------
+
+
+def object_mask(cam: Tensor, threshold: float) -> Tensor:
+    """Patches the CAM marks as the object: ``cam > threshold`` (strict, as the official code)."""
+    return cam > threshold
+
+
+def context_mask(cam: Tensor, threshold: float) -> Tensor:
+    """The complement of ``object_mask``: every patch the CAM does not mark."""
+    return ~object_mask(cam, threshold)
+
+
+def random_mask(
+    shape: Sequence[int], rate: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> Tensor:
+    """Each patch masked independently with probability ``rate`` (``[B, rows, cols]`` bool)."""
+    return torch.rand(tuple(shape), device=device, generator=generator) < rate
+
+
+def patch_mask(
+    kind: MaskKind,
+    cam: Tensor | None,
+    threshold: float,
+    rate: float,
+    shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Dispatch to ``object_mask`` / ``context_mask`` (need ``cam``) or ``random_mask``."""
+    if kind == "random":
+        return random_mask(shape, rate, device, generator)
+    if cam is None:
+        raise ValueError(f"a '{kind}' mask needs a CAM")
+    return object_mask(cam, threshold) if kind == "object" else context_mask(cam, threshold)
+
+
+def patchify(images: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, rows, cols, C, ph, pw]`` (a view-friendly reshape, no copy of data order)."""
+    batch, channels, height, width = images.shape
+    ph, pw = patch_size
+    patches = images.reshape(batch, channels, height // ph, ph, width // pw, pw)
+    return patches.permute(0, 2, 4, 1, 3, 5)
+
+
+def unpatchify(patches: Tensor) -> Tensor:
+    """Inverse of ``patchify``."""
+    batch, rows, cols, channels, ph, pw = patches.shape
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, rows * ph, cols * pw)
+
+
+def single_fill_donors(
+    batch: int, allow_self: bool = False, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> Tensor:
+    """Donor image of each image for single-fill: ``[B]`` indices.
+
+    Default: a random cyclic derangement (shuffle, then each image takes the next one's patches),
+    so every image gets a counterfactual from exactly one *other* image, as the paper describes.
+    ``allow_self=True`` draws a plain permutation like the official code, where an image can be
+    its own donor (and then has no counterfactual). A batch of one is its own donor.
+    """
+    order = torch.randperm(batch, device=device, generator=generator)
+    if allow_self:
+        return order
+    donors = torch.empty_like(order)
+    donors[order] = order.roll(-1)
+    return donors
+
+
+def multi_fill_donors(
+    shape: Sequence[int], device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> Tensor:
+    """Donor image of each patch for multi-fill: ``[B, rows, cols]``, never the image itself (official)."""
+    batch = shape[0]
+    if batch < 2:
+        return torch.zeros(tuple(shape), dtype=torch.long, device=device)
+    shift = torch.randint(1, batch, tuple(shape), device=device, generator=generator)
+    return (torch.arange(batch, device=device).view(-1, 1, 1) + shift) % batch
+
+
+class Refilled(NamedTuple):
+    """Counterfactual images and, per patch, the image it was taken from (``-1``: blanked)."""
+
+    images: Tensor
+    source: Tensor
+
+
+def refill(
+    images: Tensor,
+    mask: Tensor,
+    fill: FillKind,
+    patch_size: tuple[int, int],
+    allow_self: bool = False,
+    fill_value: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Refilled:
+    """Replace the masked patches (Xiao et al. 2023, Sec. 3.3): the counterfactual images.
+
+    Args:
+        images: ``[B, C, H, W]`` model inputs.
+        mask: ``[B, rows, cols]`` bool, True where a patch is replaced.
+        fill: ``single``: every masked patch of an image from one other image of the batch (same
+            position); ``multi``: each masked patch from an independently drawn other image;
+            ``none``: masked patches set to ``fill_value`` (0 = the dataset mean colour for
+            normalised inputs; the official no-fill variants hide the tokens from attention instead).
+        patch_size: the ViT's patch size, so refilled regions are whole tokens.
+        allow_self: single-fill only, see ``single_fill_donors``.
+        fill_value: the ``none`` fill.
+        generator: RNG for the donors (the global one when None).
+
+    Returns:
+        ``Refilled(images, source)``; ``source[b, i, j]`` is ``b`` for kept patches.
+    """
+    batch = images.shape[0]
+    device = images.device
+    patches = patchify(images, patch_size)
+    own = torch.arange(batch, device=device).view(-1, 1, 1).expand(mask.shape)
+    if fill == "single":
+        donors = single_fill_donors(batch, allow_self, device, generator)
+        source = donors.view(-1, 1, 1).expand(mask.shape)
+        replacement = patches[donors]
+    elif fill == "multi":
+        source = multi_fill_donors(mask.shape, device, generator)
+        rows = torch.arange(mask.shape[1], device=device).view(1, -1, 1)
+        cols = torch.arange(mask.shape[2], device=device).view(1, 1, -1)
+        replacement = patches[source, rows, cols]
+    elif fill == "none":
+        source = torch.full_like(own, -1)
+        replacement = torch.full_like(patches, fill_value)
+    else:
+        raise ValueError(f"unknown fill '{fill}' (single, multi, none)")
+    chosen = mask.view(*mask.shape, 1, 1, 1)
+    out = unpatchify(torch.where(chosen, replacement, patches))
+    return Refilled(out, torch.where(mask, source, own))
+
+
+@dataclass(frozen=True)
+class CounterfactualSpec:
+    """Which counterfactuals to make: mask kind, fill, CAM threshold, random rate."""
+
+    mask: MaskKind = "object"
+    fill: FillKind = "single"
+    threshold: float = 0.3
+    rate: float = 0.5
+    allow_self_fill: bool = False
+
+
+class Counterfactuals(NamedTuple):
+    """Counterfactual images, their patch mask and sources, the CAM and its forward's logits (or None)."""
+
+    images: Tensor
+    mask: Tensor
+    source: Tensor
+    cam: Tensor | None
+    logits: Tensor | None
+
+
+def make_counterfactuals(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    spec: CounterfactualSpec,
+    layout: PatchLayout | None = None,
+    keep_graph: bool = False,
+    generator: torch.Generator | None = None,
+) -> Counterfactuals:
+    """CAM (unless the mask is random), patch mask and refill for one batch.
+
+    ``keep_graph`` returns the CAM forward's logits with their graph (see ``class_activation``);
+    otherwise ``logits`` is None.
+    """
+    layout = layout or patch_layout(model)
+    rows, cols = layout.grid(images)
+    cam = logits = None
+    if spec.mask != "random":
+        cam, logits = class_activation(model, images, labels, layout, keep_graph)
+    mask = patch_mask(
+        spec.mask, cam, spec.threshold, spec.rate, (images.shape[0], rows, cols), images.device, generator
+    )
+    with torch.no_grad():
+        refilled = refill(
+            images.detach(), mask, spec.fill, layout.patch_size, spec.allow_self_fill, generator=generator
+        )
+    return Counterfactuals(refilled.images, mask, refilled.source, cam, logits if keep_graph else None)
+
+
+def has_train_mode_randomness(model: nn.Module) -> bool:
+    """Whether train and eval forwards can differ: active dropout, drop-path, patch dropout or batch norm.
+
+    Checks the layers ViTs use (``nn.Dropout*``, ``nn.MultiheadAttention.dropout``, timm
+    ``DropPath.drop_prob``, OpenCLIP ``PatchDropout.prob``, batch norms); when it returns False,
+    an eval-mode forward computes what a train-mode forward would.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd | nn.modules.batchnorm._BatchNorm) and (
+            not isinstance(module, nn.modules.dropout._DropoutNd) or module.p > 0
+        ):
+            return True
+        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            return True
+        if any(float(getattr(module, attr, 0.0) or 0.0) > 0 for attr in ("drop_prob", "prob")):
+            return True
+    return False
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def cam_figures(
+    images: Tensor,
+    cam: Tensor,
+    counterfactual: Tensor,
+    mask: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out: Path,
+    titles: Sequence[str] | None = None,
+    prefix: str = "cam",
+) -> list[Path]:
+    """One PNG per image: the input, the CAM over it, the mask, and the masked-and-refilled image.
+
+    Args:
+        images, counterfactual: ``[B, 3, H, W]`` normalised model inputs.
+        cam: ``[B, rows, cols]`` in [0, 1]; mask: ``[B, rows, cols]`` bool.
+        mean, std: the normalisation to undo for display.
+        out: folder to write into (created).
+        titles: one caption per image.
+    """
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def to_rgb(x: Tensor) -> Tensor:
+        return (x.detach().float().cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1)
+
+    size = images.shape[-2:]
+    heat = F.interpolate(cam.detach().float().cpu()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    masked = F.interpolate(mask.detach().float().cpu()[:, None], size=size, mode="nearest")[:, 0]
+    rgb, refilled = to_rgb(images), to_rgb(counterfactual)
+    paths = []
+    for i in range(images.shape[0]):
+        figure = Figure(figsize=(8, 2.4), dpi=100)
+        axes = figure.subplots(1, 4)
+        axes[0].imshow(rgb[i].numpy())
+        axes[0].set_title(titles[i] if titles else "input", fontsize=8)
+        axes[1].imshow(rgb[i].numpy())
+        axes[1].imshow(heat[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[1].set_title("CAM", fontsize=8)
+        axes[2].imshow(masked[i].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2].set_title(f"mask ({mask[i].float().mean().item():.0%} of patches)", fontsize=8)
+        axes[3].imshow(refilled[i].numpy())
+        axes[3].set_title("masked + refilled", fontsize=8)
+        for axis in axes:
+            axis.set_axis_off()
+        figure.tight_layout()
+        path = out / f"{prefix}_{i:03d}.png"
+        figure.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def _load_image(path: Path, data_config: dict) -> Tensor:
+    """One image file as a normalised model input ``[1, 3, H, W]`` (resized to the model's size)."""
+    import numpy as np
+    from PIL import Image
+
+    from robustft.errors import DataError
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    size = tuple(data_config.get("input_size", (3, *tensor.shape[-2:])))[1:]
+    tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(data_config.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+    std = torch.tensor(data_config.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+    return (tensor - mean) / std
+
+
+def run_cam_figures(target: str, run_dir: Path, out: Path, count: int = 8, seed: int = 0) -> list[Path]:
+    """``robustft cam``: CAM and counterfactual figures of a finished run's final model.
+
+    Args:
+        target: an image file (mapped for the class the model predicts; donors for refilling are
+            the run's first training images) or a split name of the run's data (the first
+            ``count`` images, mapped for their labels, refilled from each other).
+        run_dir: a run directory (``config.yaml`` + ``checkpoints/final.safetensors``).
+        out: where the PNGs go.
+        count: images taken from a split (at least 2, so there is a donor).
+        seed: RNG seed of the mask and the donors.
+
+    The mask and fill are the run's own when it trained ``masked_counterfactual``, else the
+    paper's default (object mask, single fill, threshold 0.3).
+    """
+    from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+    from robustft.config import load_config
+    from robustft.errors import DataError
+    from robustft.runner import FINAL_CHECKPOINT, prepare_run
+
+    config = load_config(run_dir / "config.yaml")
+    config = config.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
+    prepared = prepare_run(config, log=lambda message: None)
+    model, splits, names = prepared.model, prepared.ctx.splits, prepared.ctx.class_names
+    path = run_dir / FINAL_CHECKPOINT
+    load_state_dict_strict(model, load_state_dict_file(path), path, config.model.name)
+    options = config.method_options()
+    spec = options.spec() if hasattr(options, "spec") else CounterfactualSpec()
+    count = max(2, count)
+    device = prepared.ctx.device
+    if Path(target).is_file():
+        image = _load_image(Path(target), model.data_config).to(device)
+        donors, _ = splits["train"][list(range(min(count, len(splits["train"]))))]
+        images = torch.cat([image, donors.to(device)])
+        with torch.no_grad(), eval_mode(model):
+            labels = model(images).argmax(1)
+        shown, titles = 1, [f"predicted: {names[int(labels[0])]}"]
+    elif target in splits:
+        images, labels = splits[target][list(range(min(count, len(splits[target]))))]
+        images, labels = images.to(device), labels.to(device)
+        shown, titles = len(labels), [f"{target}[{i}]: {names[int(label)]}" for i, label in enumerate(labels)]
+    else:
+        raise DataError(f"'{target}' is neither an image file nor a split of this run ({', '.join(splits)})")
+    made = make_counterfactuals(model, images, labels, spec, generator=torch.Generator(device).manual_seed(seed))
+    cam = made.cam if made.cam is not None else attention_rollout_cam(model, images, labels)
+    mean, std = model.data_config.get("mean", (0.5,) * 3), model.data_config.get("std", (0.5,) * 3)
+    return cam_figures(images[:shown], cam[:shown], made.images[:shown], made.mask[:shown], mean, std, out, titles)

@@ -1,0 +1,61 @@
+"""WiSE-FT: interpolate the zero-shot and fine-tuned weights (Wortsman et al., CVPR 2022, arXiv:2109.01903)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from robustft.evaluate import evaluate_splits
+from robustft.methods.base import Method, RunContext, register_method
+from robustft.posthoc import (
+    AlphaSweepConfig,
+    CurvePoint,
+    choose_alpha,
+    curve_point,
+    interpolate_state_dicts,
+    load_run_weights,
+    record_sweep,
+)
+
+
+class WiseFtConfig(AlphaSweepConfig):
+    """``finetuned_run``, the ``alphas`` evaluated, and an optional fixed ``alpha``."""
+
+
+@register_method
+class WiseFt(Method):
+    """WiSE-FT, the weight-space ensemble ``theta(alpha) = (1 - alpha) theta_zs + alpha theta_ft``.
+
+    Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022. Fine-tuning moves the
+    weights only a little from the zero-shot model, and the straight line between the two stays in a
+    low-loss region, so the interpolated model combines the fine-tuned model's ID accuracy with much
+    of the zero-shot model's robustness, at no extra inference cost (METHODS.md, "Baselines: WiSE-FT").
+
+    This run's prepared model is ``theta_zs``; ``theta_ft`` is ``finetuned_run``'s final checkpoint,
+    which must come from the same model (architecture, head and initial weights). Every alpha is
+    evaluated on every split; the predictor is ``theta`` at the alpha with the best ``id_val``
+    accuracy (or the fixed ``alpha``). The curve and the oracle alphas (best ID and best OOD on test
+    splits, for reference only) go to results.json and ``wise_ft_curve.{json,png}``.
+    """
+
+    name = "wise_ft"
+    config_cls = WiseFtConfig
+    trains = False
+    needs_finetuned_run = True
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self.config.require_inputs(ctx.splits, self.name)
+        return model.requires_grad_(False)
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        theta_0 = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        theta_1 = load_run_weights(model, self.config.finetuned_run, ctx)
+        curve: list[CurvePoint] = []
+        for alpha in self.config.sweep_alphas():
+            model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))
+            metrics = evaluate_splits(model, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers)
+            curve.append(curve_point(alpha, metrics))
+        alpha, chosen_by = choose_alpha(curve, self.config.alpha)
+        model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))
+        ctx.extras["finetuned_run"] = str(self.config.finetuned_run)
+        record_sweep(ctx, self.name, curve, alpha, chosen_by)
+        return model
