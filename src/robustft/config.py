@@ -140,20 +140,25 @@ def _format_errors(error: ValidationError, prefix: tuple = ()) -> str:
     return "; ".join(parts)
 
 
+def set_key(raw: dict[str, Any], key: str, value: Any, option: str = "--set") -> None:
+    """Set dotted ``key`` (``optim.lr``) in a raw config dict, creating sections on the way."""
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{option} {key}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config dict."""
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=3e-5")
-        node = raw
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {override!r}: '{part}' is not a section")
-            node = child
-        node[leaf] = yaml.safe_load(value)
+        set_key(raw, key, yaml.safe_load(value))
     return raw
 
 
@@ -166,21 +171,24 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {error}") from None
 
 
+def read_config_yaml(path: Path | str) -> dict[str, Any]:
+    """The raw mapping of a YAML config file; a missing file or bad YAML is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return raw
+
+
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = read_config_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
     return parse_config(apply_overrides(raw, overrides or []), source)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from robustft.config import RunConfig, apply_overrides, parse_config
+from robustft.config import RunConfig, apply_overrides, parse_config, read_config_yaml, set_key
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
 
@@ -131,7 +131,7 @@ class Sweep:
 
 def plan_sweep(config: Path | str, axes: Sequence[GridAxis], overrides: list[str] | None = None) -> Sweep:
     """The sweep directory and every point's validated run config; nothing runs and nothing is written."""
-    base_raw = _read_yaml(Path(config))
+    base_raw = read_config_yaml(config)
     apply_overrides(base_raw, overrides or [])
     base = parse_config(copy.deepcopy(base_raw), source=str(config))
     directory = base.output_dir / base.name
@@ -140,7 +140,7 @@ def plan_sweep(config: Path | str, axes: Sequence[GridAxis], overrides: list[str
         name = point_name(point)
         raw = copy.deepcopy(base_raw)
         for key, value in point.items():
-            _set_key(raw, key, value)
+            set_key(raw, key, copy.deepcopy(value), option="--grid")
         raw.update(name=name, output_dir=str(directory))
         points.append(SweepPoint(name, point, parse_config(raw, source=f"{config} [{name}]")))
     names = [point.name for point in points]
@@ -200,29 +200,6 @@ def write_manifest(sweep: Sweep, config: Path | str, axes: Sequence[GridAxis]) -
     }
     text = json.dumps(manifest, indent=2, default=str) + "\n"  # YAML values may be dates
     return atomic_write(sweep.directory / MANIFEST, lambda tmp: tmp.write_text(text))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return raw
-
-
-def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--grid {key}: '{part}' is not a section")
-        node = child
-    node[leaf] = copy.deepcopy(value)
 
 
 def _prepared_key(config: RunConfig) -> str:
