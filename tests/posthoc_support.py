@@ -72,6 +72,18 @@ def fresh_model(prepared: Prepared) -> torch.nn.Module:
     return copy.deepcopy(prepared.model)
 
 
+def draw_shape(shape: str, brightness: int, rng: np.random.Generator) -> Image.Image:
+    """A 32 px circle or square at a random offset, on the inverse background."""
+    image = np.full((32, 32, 3), 255 - brightness, np.uint8)
+    x, y = rng.integers(6, 12, size=2)
+    if shape == "square":
+        image[y : y + 14, x : x + 14] = brightness
+    else:
+        yy, xx = np.mgrid[:32, :32]
+        image[(yy - y - 7) ** 2 + (xx - x - 7) ** 2 < 49] = brightness
+    return Image.fromarray(image)
+
+
 def write_shapes_dataset(root: Path) -> dict[str, Any]:
     """A tiny two-class image dataset (folders + a CSV manifest); returns the ``data:`` config section.
 
@@ -80,14 +92,7 @@ def write_shapes_dataset(root: Path) -> dict[str, Any]:
     rng = np.random.default_rng(0)
 
     def draw(shape: str, brightness: int) -> Image.Image:
-        image = np.full((32, 32, 3), 255 - brightness, np.uint8)
-        x, y = rng.integers(6, 12, size=2)
-        if shape == "square":
-            image[y : y + 14, x : x + 14] = brightness
-        else:
-            yy, xx = np.mgrid[:32, :32]
-            image[(yy - y - 7) ** 2 + (xx - x - 7) ** 2 < 49] = brightness
-        return Image.fromarray(image)
+        return draw_shape(shape, brightness, rng)
 
     for split, count in (("train", 16), ("val", 6), ("test", 6)):
         for name in CLASSES:

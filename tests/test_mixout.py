@@ -97,3 +97,15 @@ def test_mixout_only_wraps_the_chosen_tensors(digits_prepared):
     wrapped = [m for m in model.modules() if isinstance(m, MixoutParametrization)]
     assert len(wrapped) == 1
     assert not hasattr(model.backbone.blocks[0].mlp.fc1.parametrizations, "bias")
+
+
+@pytest.mark.parametrize("method", ["mixout", "gmixout"])
+def test_a_scope_matching_no_tensor_is_a_config_error(tmp_path, digits_prepared, method):
+    from robustft.demo import demo_config
+    from robustft.errors import ConfigError
+    from robustft.runner import fit
+
+    config = demo_config(method, 0, tmp_path, steps=1, progress=False)
+    config.method.include = "^no_such_layer$"
+    with pytest.raises(ConfigError, match="method.scope / method.include"):
+        fit(config, log=lambda message: None, prepared=digits_prepared)

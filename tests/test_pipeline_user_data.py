@@ -9,8 +9,8 @@ import open_clip
 import pytest
 import timm
 import torch
-from PIL import Image
 
+from posthoc_support import draw_shape
 from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.config import parse_config
 from robustft.runner import fit
@@ -23,17 +23,6 @@ TINY_CLIP = {
 CLASSES = ["circle", "square"]
 
 
-def draw(shape: str, brightness: int, rng: np.random.Generator) -> Image.Image:
-    image = np.full((32, 32, 3), 255 - brightness, np.uint8)
-    x, y = rng.integers(6, 12, size=2)
-    if shape == "square":
-        image[y : y + 14, x : x + 14] = brightness
-    else:
-        yy, xx = np.mgrid[:32, :32]
-        image[(yy - y - 7) ** 2 + (xx - x - 7) ** 2 < 49] = brightness
-    return Image.fromarray(image)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """train / id_test as class folders, id_val and an OOD split (other brightness) as CSV manifests."""
@@ -43,13 +32,13 @@ def dataset(tmp_path_factory):
         for name in CLASSES:
             (root / split / name).mkdir(parents=True)
             for i in range(count):
-                draw(name, 20, rng).save(root / split / name / f"{i}.png")
+                draw_shape(name, 20, rng).save(root / split / name / f"{i}.png")
     for split, brightness in (("val", 20), ("dark", 120)):
         (root / split).mkdir()
         rows = ["path,label,domain"]
         for i in range(8):
             name = CLASSES[i % 2]
-            draw(name, brightness, rng).save(root / split / f"{i}.png")
+            draw_shape(name, brightness, rng).save(root / split / f"{i}.png")
             rows.append(f"{split}/{i}.png,{name},{split}")
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root

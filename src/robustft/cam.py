@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustft.errors import UnsupportedModelError
+
 MaskKind = Literal["object", "context", "random"]
 FillKind = Literal["single", "multi", "none"]
 
@@ -73,13 +75,13 @@ def patch_layout(model: nn.Module) -> PatchLayout:
         patch_embed = getattr(module, "patch_embed", None)
         if patch_embed is not None and hasattr(patch_embed, "patch_size") and hasattr(module, "num_prefix_tokens"):
             if getattr(module, "cls_token", None) is None or getattr(module, "global_pool", "token") != "token":
-                raise ValueError("attention-rollout CAM needs a ViT that classifies from its class token")
+                raise UnsupportedModelError("attention-rollout CAM needs a ViT that classifies from its class token")
             return PatchLayout(_pair(patch_embed.patch_size), int(module.num_prefix_tokens))
         if hasattr(module, "class_embedding") and hasattr(module, "conv1") and hasattr(module, "patch_size"):
             if getattr(module, "pool_type", "tok") != "tok" or getattr(module, "attn_pool", None) is not None:
-                raise ValueError("attention-rollout CAM needs a ViT that classifies from its class token")
+                raise UnsupportedModelError("attention-rollout CAM needs a ViT that classifies from its class token")
             return PatchLayout(_pair(module.patch_size), 1)
-    raise ValueError(f"no timm or OpenCLIP vision transformer found in {type(model).__name__}")
+    raise UnsupportedModelError(f"no timm or OpenCLIP vision transformer found in {type(model).__name__}")
 
 
 # --- attention capture ------------------------------------------------------------------------
@@ -141,17 +143,17 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionCapture]:
     computes exactly what it computed before.
 
     Raises:
-        ValueError: the model has no attention module this function knows.
+        UnsupportedModelError: the model has no attention module this function knows.
     """
     if any(isinstance(getattr(m, "use_fsdpa", None), bool) for m in model.modules()):
-        raise ValueError(
+        raise UnsupportedModelError(
             "OpenCLIP custom attention blocks (qk_norm, scaled cosine, ...) are not supported: their explicit "
             "attention path fails in open_clip 3.3 (bmm on 4-D tensors); use the default block type"
         )
     timm_blocks = _timm_attention_modules(model)
     multihead = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     if not timm_blocks and not multihead:
-        raise ValueError(f"no timm / OpenCLIP attention module found in {type(model).__name__}")
+        raise UnsupportedModelError(f"no timm / OpenCLIP attention module found in {type(model).__name__}")
     capture = AttentionCapture()
     saved_flags = [(module, module.fused_attn) for module in timm_blocks]
     handles = []

@@ -15,3 +15,7 @@ class DataError(RobustftError):
 
 class CheckpointError(RobustftError):
     """A checkpoint is missing, unsafe or does not match the model; the message names the file."""
+
+
+class UnsupportedModelError(ConfigError, ValueError):
+    """The configured model lacks what a method needs (e.g. a CLS-token ViT for attention rollout)."""

@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustft.config import MethodConfig
+from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, register_method
 from robustft.sparse import (
     Scope,
@@ -128,7 +129,8 @@ class GMixout(Method):
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
         if not names:
-            raise ValueError(f"gmixout: no tensor matches scope={cfg.scope!r} include={cfg.include!r}")
+            raise ConfigError(f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
+                              f"include={cfg.include!r} exclude={cfg.exclude!r}")
         if not cfg.train_others:
             model.requires_grad_(False)
         device = model.get_parameter(names[0]).device

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from robustft.config import MethodConfig
+from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, register_method
 from robustft.sparse import Scope, select_parameters
 
@@ -139,7 +140,8 @@ class Mixout(Method):
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
         if not names:
-            raise ValueError(f"mixout: no tensor matches scope={cfg.scope!r} include={cfg.include!r}")
+            raise ConfigError(f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} "
+                              f"include={cfg.include!r} exclude={cfg.exclude!r}")
         mixed = sum(model.get_parameter(name).numel() for name in names)
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         apply_mixout(model, names, cfg.p, cfg.granularity, cfg.gradient == "official")
