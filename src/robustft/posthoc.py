@@ -10,6 +10,7 @@ and the mixing-coefficient sweep (curve, honest pick on ``id_val``, oracle picks
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -325,6 +326,53 @@ def load_run_weights(model: nn.Module, run_dir: str | Path, ctx: RunContext) -> 
     state = load_state_dict_file(path)
     load_state_dict_strict(model, state, path, f"this run's model ({ctx.model_spec.get('name', 'model')})")
     return state
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A finished run's predictor as its own method rebuilt it, and that method's name."""
+
+    predictor: nn.Module
+    method: str
+
+
+def load_run_predictor(model: nn.Module, run_dir: str | Path, ctx: RunContext | None) -> LoadedRun:
+    """A finished run's predictor, rebuilt by the run's own method from ``model`` (a fresh copy of this run's).
+
+    This is what lets output-space post-hoc methods (OSE, VRF) sit on top of any trained method: a
+    LoRA run is a plain model (its adapters are merged at ``finalize``), a mixture-of-adapters run keeps
+    its routed adapters, and each method's ``load_predictor`` knows how to rebuild its own structure.
+    ``ctx`` None skips the same-initialisation check (rebuilding a saved ensemble's structure).
+
+    Raises:
+        ConfigError: the run is missing, starts from another initialisation, or names an unknown method.
+        CheckpointError: its checkpoint does not match the structure its method rebuilds.
+    """
+    from robustft.methods import get_method
+
+    path = final_checkpoint(run_dir)
+    if ctx is not None:
+        check_same_initialisation(Path(run_dir), ctx.model_spec, ctx.seed)
+    config = parse_config(read_run_config(Path(run_dir)), source=str(Path(run_dir) / "config.yaml"))
+    method = get_method(config.method.name)(config.method_options())
+    predictor = method.load_predictor(model, path, f"{config.method.name} run {run_dir}")
+    return LoadedRun(predictor.eval(), config.method.name)
+
+
+def finetuned_structure(model: nn.Module, run_dir: str | Path | None) -> nn.Module:
+    """A module shaped like ``run_dir``'s predictor, for loading a saved ensemble that contains it.
+
+    A plain copy of ``model`` when the run is gone or its method keeps the model's architecture; its
+    weights are overwritten by the ensemble's own checkpoint either way.
+    """
+    if run_dir is None or not is_finished_run(Path(run_dir)):
+        return copy.deepcopy(model)
+    return load_run_predictor(copy.deepcopy(model), run_dir, None).predictor
+
+
+def composed_name(posthoc_method: str, base_method: str) -> str:
+    """The results name of a post-hoc method over a run: ``gmixout+vrf``; plain ``vrf`` over ``finetune``."""
+    return posthoc_method if base_method == "finetune" else f"{base_method}+{posthoc_method}"
 
 
 def find_runs(path: str | Path) -> list[Path]:

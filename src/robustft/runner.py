@@ -120,7 +120,7 @@ def fit(
     entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers))
     entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
     entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.name: entry}}
+    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
     (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
 
@@ -146,9 +146,11 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
     ctx = prepared.ctx
     entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size))
     previous = run_dir / RESULTS_FILE
+    name = method.result_name
     if previous.is_file():
-        old = json.loads(previous.read_text())["methods"].get(method.name, {})
-        entry = {**old, **entry}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.name: entry}}
+        saved = json.loads(previous.read_text())["methods"]
+        name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
+        entry = {**saved.get(name, {}), **entry}
+    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {name: entry}}
     previous.write_text(json.dumps(results, indent=2))
     return results

@@ -73,6 +73,9 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
+        self.result_name: str = self.name
+        """The key of this run in results.json; a post-hoc method over another method's run names the pair
+        (``gmixout+vrf``)."""
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Change the model before training (freeze, add adapters); returns the model to train."""

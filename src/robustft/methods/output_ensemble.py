@@ -12,7 +12,16 @@ from torch import Tensor, nn
 
 from robustft.evaluate import predict, split_metrics
 from robustft.methods.base import Method, RunContext, register_method
-from robustft.posthoc import AlphaSweepConfig, CurvePoint, choose_alpha, curve_point, load_run_weights, record_sweep
+from robustft.posthoc import (
+    AlphaSweepConfig,
+    CurvePoint,
+    choose_alpha,
+    composed_name,
+    curve_point,
+    finetuned_structure,
+    load_run_predictor,
+    record_sweep,
+)
 
 
 class OutputEnsembleConfig(AlphaSweepConfig):
@@ -81,8 +90,9 @@ class OutputEnsembleMethod(Method):
         return model.requires_grad_(False)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        finetuned = copy.deepcopy(model)
-        load_run_weights(finetuned, self.config.finetuned_run, ctx)
+        loaded = load_run_predictor(copy.deepcopy(model), self.config.finetuned_run, ctx)
+        finetuned = loaded.predictor
+        self.result_name = composed_name(self.name, loaded.method)
         cached = {}
         for split, dataset in ctx.splits.items():
             if split == "train":
@@ -103,5 +113,5 @@ class OutputEnsembleMethod(Method):
         return OutputEnsemble(model, finetuned, alpha)
 
     def load_predictor(self, model: nn.Module, checkpoint: Path, what: str) -> nn.Module:
-        ensemble = OutputEnsemble(model, copy.deepcopy(model), alpha=0.0)
+        ensemble = OutputEnsemble(model, finetuned_structure(model, self.config.finetuned_run), alpha=0.0)
         return super().load_predictor(ensemble, checkpoint, f"an output ensemble of {what}")

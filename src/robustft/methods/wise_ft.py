@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from robustft.evaluate import evaluate_splits
@@ -9,10 +11,13 @@ from robustft.methods.base import Method, RunContext, register_method
 from robustft.posthoc import (
     AlphaSweepConfig,
     CurvePoint,
+    WeightSpaceError,
+    check_compatible,
     choose_alpha,
+    composed_name,
     curve_point,
     interpolate_state_dicts,
-    load_run_weights,
+    load_run_predictor,
     record_sweep,
 )
 
@@ -48,7 +53,16 @@ class WiseFt(Method):
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         theta_0 = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        theta_1 = load_run_weights(model, self.config.finetuned_run, ctx)
+        finetuned = load_run_predictor(copy.deepcopy(model), self.config.finetuned_run, ctx)
+        theta_1 = {key: value.detach() for key, value in finetuned.predictor.state_dict().items()}
+        try:
+            check_compatible(theta_0, theta_1, f"this model and the {finetuned.method} run's predictor")
+        except WeightSpaceError as error:
+            raise WeightSpaceError(
+                f"{error}; WiSE-FT needs a plain model of this architecture (use output_ensemble or vrf over "
+                f"{finetuned.method} runs)"
+            ) from None
+        self.result_name = composed_name(self.name, finetuned.method)
         curve: list[CurvePoint] = []
         for alpha in self.config.sweep_alphas():
             model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))
