@@ -1,0 +1,499 @@
+"""VRF, variance-reduction fine-tuning: a sample-wise ensemble of the zero-shot and fine-tuned models.
+
+Zhu, Cui and Zhang, "Robust fine-tuning of zero-shot models via variance reduction", NeurIPS 2024
+(code: BeierZhu/VRF). METHODS.md, section D, and its "Details read in the official code".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+from robustft.config import MethodConfig
+from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
+from robustft.methods.base import Method, RunContext, register_method
+from robustft.posthoc import final_checkpoint, load_run_weights
+
+Distance = Literal["squared_l2", "l2"]
+# Temperatures are searched on log T within these bounds (NLL may keep falling as T -> 0 on a split the
+# model gets entirely right; the bound keeps T finite).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+# Smallest sigmoid width: a ZSF set too small to measure a spread would otherwise give b = 0.
+MIN_WIDTH = 1e-6
+PREDICTOR_KEYS = ("zsf_embeddings", "k", "a", "b", "temperature_finetuned", "temperature_zero_shot", "squared")
+
+
+class VrfWarning(UserWarning):
+    """VRF runs, but degenerately (an empty zero-shot-failure set makes it the zero-shot model)."""
+
+
+# ------------------------------------------------------------------------------------------- the maths
+
+
+def zero_shot_failures(finetuned_logits: Tensor, zero_shot_logits: Tensor, labels: Tensor) -> Tensor:
+    """Mask of the zero-shot-failure (ZSF) set: what the fine-tuned model gets right and the zero-shot model wrong."""
+    return (finetuned_logits.argmax(-1) == labels) & (zero_shot_logits.argmax(-1) != labels)
+
+
+def resolve_k(k: float, set_size: int) -> int:
+    """The neighbour rank: ``k >= 1`` is a count, ``0 < k < 1`` a fraction of the ZSF set; clamped to [1, set_size].
+
+    The reference's ``round(1000 * |ZSF| / |train|)`` is 0.08% of the ZSF set on ImageNet but more than the
+    whole set on small training sets, and can round to 0; a fraction of the set is the scale-free version.
+    Returns 0 only for an empty set.
+    """
+    if set_size == 0:
+        return 0
+    count = int(k) if k >= 1 else round(k * set_size)
+    return min(max(count, 1), set_size)
+
+
+def sample_weight(distance: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
+    """``w(x) = sigmoid(-(d(x) - a) / b)``: 1/2 at ``d = a``, towards 1 near the ZSF set, towards 0 far from it."""
+    return torch.sigmoid(-(distance - a) / b)
+
+
+def vrf_log_probs(
+    finetuned_logits: Tensor,
+    zero_shot_logits: Tensor,
+    distance: Tensor,
+    a: Tensor | float,
+    b: Tensor | float,
+    temperature_finetuned: Tensor | float = 1.0,
+    temperature_zero_shot: Tensor | float = 1.0,
+) -> Tensor:
+    """``log(w softmax(z_ft / T_ft) + (1 - w) softmax(z_zs / T_zs))`` with ``w = sample_weight(d, a, b)``.
+
+    Computed with ``logsigmoid`` and ``logsumexp``, so an infinite distance (an empty ZSF set) gives exactly
+    the zero-shot model's calibrated log-probabilities and nothing overflows. Log-probabilities are valid
+    logits (same argmax), so the ensemble is scored like any model.
+    """
+    weight_logit = (-(distance.float() - a) / b).unsqueeze(-1)
+    finetuned = F.logsigmoid(weight_logit) + F.log_softmax(finetuned_logits.float() / temperature_finetuned, dim=-1)
+    zero_shot = F.logsigmoid(-weight_logit) + F.log_softmax(zero_shot_logits.float() / temperature_zero_shot, dim=-1)
+    return torch.logaddexp(finetuned, zero_shot)
+
+
+def to_distance(squared_distances: Tensor, distance: Distance) -> Tensor:
+    """FAISS's flat-L2 index returns squared L2 distances; ``l2`` takes their square root."""
+    squared_distances = squared_distances.clamp_min(0)
+    return squared_distances if distance == "squared_l2" else squared_distances.sqrt()
+
+
+def kth_distance_brute_force(queries: Tensor, members: Tensor, k: int, distance: Distance = "squared_l2") -> Tensor:
+    """Distance of each query to its ``k``-th nearest member by a dense torch computation (the kNN reference)."""
+    squared = torch.cdist(queries.double(), members.double()).square()
+    return to_distance(squared.topk(k, dim=1, largest=False).values[:, -1].float(), distance)
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:
+    """The ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out labels (golden-section search on log T).
+
+    The NLL is convex in ``1/T`` (log-sum-exp of a linear function minus a linear term), hence unimodal
+    in ``log T``, so golden-section search finds its minimum within ``TEMPERATURE_BOUNDS``.
+    """
+    logits, labels = logits.float(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), labels))
+
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = (math.log(bound) for bound in TEMPERATURE_BOUNDS)
+    left, right = high - ratio * (high - low), low + ratio * (high - low)
+    nll_left, nll_right = nll(left), nll(right)
+    for _ in range(iterations):
+        if nll_left <= nll_right:
+            high, right, nll_right = right, left, nll_left
+            left = high - ratio * (high - low)
+            nll_left = nll(left)
+        else:
+            low, left, nll_left = left, right, nll_right
+            right = low + ratio * (high - low)
+            nll_right = nll(right)
+    return math.exp((low + high) / 2)
+
+
+class ExactKnn:
+    """Exact nearest neighbours over fixed members: a FAISS ``IndexFlatL2`` (squared L2), on the GPU when it can.
+
+    ``faiss-cpu`` searches float32 numpy arrays on the host, so on a CUDA device each search copies the
+    queries to the host and the distances back (an explicit synchronisation per batch); with a FAISS build
+    that has GPU support the index lives on the device instead.
+    """
+
+    def __init__(self, members: Tensor, device: torch.device) -> None:
+        import faiss
+
+        self.size, dim = members.shape
+        index = faiss.IndexFlatL2(dim)
+        if self.size:
+            index.add(np.ascontiguousarray(members.detach().float().cpu().numpy()))
+        if device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, device.index or 0, index)
+        self.index = index
+
+    def squared_distances(self, queries: Tensor, k: int) -> Tensor:
+        """Squared L2 distances ``[B, k]`` to the ``k`` nearest members, ascending, on the queries' device."""
+        if self.size == 0 or k == 0:
+            return torch.full((len(queries), max(k, 1)), math.inf, device=queries.device)
+        found, _ = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return torch.from_numpy(found).to(queries.device, non_blocking=True)
+
+
+def normalised_embedding_and_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The L2-normalised pre-head embedding and the logits of an ``ImageClassifier``, from ONE backbone pass."""
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if backbone is None or head is None:
+        raise UnsupportedModelError(
+            f"vrf: the fine-tuned model ({type(model).__name__}) must be an ImageClassifier with .backbone and .head"
+        )
+    embedding = backbone(images)
+    normalised = embedding / embedding.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = head(normalised if getattr(model, "normalize_features", False) else embedding)
+    return normalised, logits
+
+
+# ------------------------------------------------------------------------------------------ predictor
+
+
+class VrfPredictor(nn.Module):
+    """Zero-shot model + fine-tuned model + ZSF embeddings; returns log-probabilities ``[B, C]``.
+
+    The ZSF embeddings, ``k``, ``a``, ``b``, both temperatures and the distance kind are buffers, so the
+    saved state dict is the whole predictor; the FAISS index is rebuilt from the embeddings after a load
+    (and on first use on a new device).
+    """
+
+    def __init__(
+        self,
+        zero_shot: nn.Module,
+        finetuned: nn.Module,
+        zsf_embeddings: Tensor,
+        k: int,
+        a: float,
+        b: float,
+        temperature_finetuned: float = 1.0,
+        temperature_zero_shot: float = 1.0,
+        distance: Distance = "squared_l2",
+    ) -> None:
+        super().__init__()
+        self.zero_shot = zero_shot
+        self.finetuned = finetuned
+        self.register_buffer("zsf_embeddings", zsf_embeddings.detach().float().clone())
+        self.register_buffer("k", torch.tensor(int(k)))
+        self.register_buffer("a", torch.tensor(float(a)))
+        self.register_buffer("b", torch.tensor(float(b)))
+        self.register_buffer("temperature_finetuned", torch.tensor(float(temperature_finetuned)))
+        self.register_buffer("temperature_zero_shot", torch.tensor(float(temperature_zero_shot)))
+        self.register_buffer("squared", torch.tensor(distance == "squared_l2"))
+        self._index: ExactKnn | None = None
+        self.register_load_state_dict_post_hook(_index_is_stale)
+
+    @property
+    def distance_kind(self) -> Distance:
+        return "squared_l2" if bool(self.squared) else "l2"
+
+    def reset_index(self) -> None:
+        self._index = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_index"] = None  # a FAISS index is not copyable; it is rebuilt on use
+        return state
+
+    def _knn(self) -> tuple[ExactKnn, int, Distance]:
+        if self._index is None:
+            self._index = ExactKnn(self.zsf_embeddings, self.zsf_embeddings.device)
+            self._k, self._distance = int(self.k), self.distance_kind  # host values read once, not per batch
+        return self._index, self._k, self._distance
+
+    def distance(self, normalised_embeddings: Tensor) -> Tensor:
+        """``d(x)``: distance to the k-th nearest ZSF member (infinite when the set is empty); one search per batch."""
+        index, k, distance = self._knn()
+        return to_distance(index.squared_distances(normalised_embeddings, k)[:, -1], distance)
+
+    def forward(self, images: Tensor) -> Tensor:
+        zero_shot = self.zero_shot(images)
+        if self.zsf_embeddings.shape[0] == 0:
+            return F.log_softmax(zero_shot.float() / self.temperature_zero_shot, dim=-1)
+        embedding, finetuned = normalised_embedding_and_logits(self.finetuned, images)
+        return vrf_log_probs(
+            finetuned,
+            zero_shot,
+            self.distance(embedding),
+            self.a,
+            self.b,
+            self.temperature_finetuned,
+            self.temperature_zero_shot,
+        )
+
+
+def _index_is_stale(module: VrfPredictor, incompatible_keys: Any) -> None:
+    """After ``load_state_dict`` the ZSF buffer holds new members: rebuild the index on next use."""
+    module.reset_index()
+
+
+# ------------------------------------------------------------------------------------------- method
+
+
+class VrfConfig(MethodConfig):
+    """Options of VRF; every distance-valued option is in the units of ``distance``."""
+
+    finetuned_run: Path | None = Field(
+        None, description="directory of a finished fine-tuning run from this model (required)"
+    )
+    k: float = Field(
+        0.001,
+        gt=0,
+        description="k-th nearest ZSF neighbour: a count if >= 1, else a fraction of the ZSF set (at least 1)",
+    )
+    distance: Distance = Field(
+        "squared_l2", description="squared_l2 (the reference's FAISS distances, what the paper's a, b assume) or l2"
+    )
+    a: float | None = Field(
+        None, description="w = 1/2 at d = a; None: the a_quantile of the ZSF members' own kNN distances"
+    )
+    b: float | None = Field(None, gt=0, description="sigmoid width; None: b_ratio * a")
+    a_quantile: float = Field(0.9, gt=0, le=1, description="quantile of ZSF self-distances that sets a default a")
+    b_ratio: float = Field(0.4, gt=0, description="default b = b_ratio * a (the paper's 0.6 / 1.5)")
+    fit_temperatures: bool = Field(True, description="fit T_ft and T_zs by NLL on id_val (else both 1)")
+    pick_on_id_val: bool = Field(False, description="choose a, b on id_val accuracy over the grids below")
+    a_quantiles: list[float] = Field(
+        [0.5, 0.75, 0.9, 0.95, 1.0], description="pick_on_id_val: a candidates as quantiles of ZSF self-distances"
+    )
+    b_ratios: list[float] = Field([0.1, 0.25, 0.4, 1.0], description="pick_on_id_val: b candidates as b / a")
+
+    @field_validator("k")
+    @classmethod
+    def _whole_count(cls, k: float) -> float:
+        if k >= 1 and k != int(k):
+            raise ValueError(f"k >= 1 is a neighbour count and must be a whole number, got {k}")
+        return k
+
+    @field_validator("a_quantiles")
+    @classmethod
+    def _quantiles(cls, values: list[float]) -> list[float]:
+        if not values or any(not 0 < q <= 1 for q in values):
+            raise ValueError(f"give quantiles in (0, 1], got {values}")
+        return sorted(set(values))
+
+    @field_validator("b_ratios")
+    @classmethod
+    def _ratios(cls, values: list[float]) -> list[float]:
+        if not values or any(r <= 0 for r in values):
+            raise ValueError(f"give positive ratios, got {values}")
+        return sorted(set(values))
+
+
+def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> nn.Module:
+    """The fine-tuned model of ``run_dir`` (a copy of this run's model with that run's final weights).
+
+    The one place VRF reads its fine-tuned model, so another kind of run can be plugged in here.
+    """
+    finetuned = copy.deepcopy(model)
+    load_run_weights(finetuned, run_dir, ctx)
+    return finetuned.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def split_outputs(zero_shot: nn.Module, finetuned: nn.Module, ctx: RunContext, split: str) -> dict[str, Tensor]:
+    """Normalised FT embeddings, FT and ZS logits and labels of a whole split (CPU), one pass per model."""
+    zero_shot.eval()
+    finetuned.eval()
+    parts: dict[str, list[Tensor]] = {"embeddings": [], "finetuned": [], "zero_shot": [], "labels": []}
+    for images, labels in ctx.iterate(split):
+        embedding, logits = normalised_embedding_and_logits(finetuned, images)
+        for key, value in (
+            ("embeddings", embedding),
+            ("finetuned", logits),
+            ("zero_shot", zero_shot(images)),
+            ("labels", labels),
+        ):
+            parts[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def self_distances(index: ExactKnn, members: Tensor, k: int, distance: Distance) -> Tensor:
+    """Each ZSF member's distance to its k-th nearest *other* member (itself is its own nearest, at 0)."""
+    ranks = min(k + 1, len(members))
+    return to_distance(index.squared_distances(members, ranks)[:, -1], distance)
+
+
+@register_method
+class Vrf(Method):
+    """VRF: ``P = w(x) softmax(z_ft / T_ft) + (1 - w(x)) softmax(z_zs / T_zs)``, ``w = sigmoid(-(d(x) - a) / b)``.
+
+    Zhu et al. (NeurIPS 2024) observe that output ensembles reach their best ID and best OOD accuracy at
+    different mixing coefficients. VRF instead weights the fine-tuned model per sample: it is trusted where
+    the zero-shot model is known to fail. The zero-shot-failure (ZSF) set holds the fine-tuned model's
+    L2-normalised embeddings of the training images it classifies right and the zero-shot model wrong; a
+    test image close to that set (small ``d``, the distance to its k-th nearest ZSF member) gets a large
+    ``w``. The paper argues this lowers the variance of the ensemble's prediction and with it its error.
+
+    Decisions (METHODS.md "Details read in the official code"):
+    - ``distance`` defaults to ``squared_l2``, the reference's FAISS flat-L2 values (0-4 on unit vectors),
+      for which the paper's a=1.5, b=0.6 were tuned. ``l2`` is its square root; kNN ranks are identical.
+    - ``a``, ``b`` default to values derived from the ZSF set itself, because the paper's are tuned for CLIP
+      features on ImageNet and on other features put every sample on one side of the sigmoid (on
+      digits-shift ``w`` is 0.87-0.90 on every split with them, i.e. VRF is nearly FT): ``a`` is the
+      ``a_quantile`` quantile of the ZSF members' own k-th-neighbour distances (a test image at least as
+      close to the set as 90% of its members are to each other gets ``w >= 1/2``), ``b = b_ratio * a``
+      (the paper's ratio). Set ``a``, ``b`` to use fixed values, or ``pick_on_id_val`` to grid-search them
+      on id_val accuracy; id_val is ID data only, so that pick favours the fine-tuned model.
+    - ``k`` defaults to 0.1% of the ZSF set (at least 1), about the reference's k on ImageNet.
+    - Temperatures divide the logits and are fitted by NLL on ``id_val`` (the reference fits them on the
+      evaluation split, a leak). The ZSF set comes from the train split as loaded: un-augmented unless
+      ``data.augment`` is set, as the reference (which embeds un-augmented training images) assumes.
+
+    Inference costs two forwards (the models share no backbone), the FT one giving embedding and logits
+    at once, plus one exact kNN search per batch.
+    """
+
+    name = "vrf"
+    config_cls = VrfConfig
+    trains = False
+    needs_finetuned_run = True
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        config = self.config
+        if config.finetuned_run is None:
+            raise ConfigError("method.finetuned_run: vrf needs the directory of a finished fine-tuning run")
+        if "train" not in ctx.splits:
+            raise ConfigError("data.splits.train: vrf builds its zero-shot-failure set from the train split")
+        if (config.fit_temperatures or config.pick_on_id_val) and "id_val" not in ctx.splits:
+            raise ConfigError(
+                "data.splits.id_val: vrf fits its temperatures (and picks a, b) on id_val, never on a test split; "
+                "add an id_val split or set method.fit_temperatures: false"
+            )
+        final_checkpoint(config.finetuned_run)
+        return model.requires_grad_(False)
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        config = self.config
+        model.eval()
+        finetuned = _load_finetuned(model, Path(config.finetuned_run), ctx)
+        train = split_outputs(model, finetuned, ctx, "train")
+        failures = zero_shot_failures(train["finetuned"], train["zero_shot"], train["labels"])
+        members = train["embeddings"][failures]
+        report: dict[str, Any] = {
+            "finetuned_run": str(config.finetuned_run),
+            "zsf_size": len(members),
+            "train_size": len(failures),
+            "distance": config.distance,
+        }
+        if len(members) == 0:
+            message = (
+                "vrf: the zero-shot-failure set is empty (the fine-tuned model fixes no training image the "
+                "zero-shot model gets wrong), so VRF is the zero-shot model"
+            )
+            warnings.warn(message, VrfWarning, stacklevel=2)
+            ctx.log(f"warning: {message}")
+            report["warning"] = message
+        k = resolve_k(config.k, len(members))
+        index = ExactKnn(members, torch.device("cpu"))
+        own = self_distances(index, members, k, config.distance)
+        id_val = split_outputs(model, finetuned, ctx, "id_val") if "id_val" in ctx.splits else None
+        t_ft, t_zs = 1.0, 1.0
+        if config.fit_temperatures:
+            t_ft = fit_temperature(id_val["finetuned"], id_val["labels"])
+            t_zs = fit_temperature(id_val["zero_shot"], id_val["labels"])
+        a, b, chosen_by = self._choose_a_b(own, index, k, id_val, t_ft, t_zs, report)
+        predictor = VrfPredictor(model, finetuned, members.to(ctx.device), k, a, b, t_ft, t_zs, config.distance)
+        report |= {
+            "k": k,
+            "a": a,
+            "b": b,
+            "a_b_chosen_by": chosen_by,
+            "temperature_finetuned": t_ft,
+            "temperature_zero_shot": t_zs,
+            "zsf_self_distance_quantiles": _quantiles(own),
+            "mean_weight": self._mean_weights(predictor, ctx) if len(members) else {},
+        }
+        ctx.extras.update(report)
+        ctx.log(
+            f"vrf: ZSF set {len(members)} of {len(failures)} training images, k={k}, a={a:.4g}, b={b:.4g} "
+            f"({chosen_by}), T_ft={t_ft:.3g}, T_zs={t_zs:.3g}, {config.distance}"
+        )
+        return predictor
+
+    def _choose_a_b(
+        self,
+        own: Tensor,
+        index: ExactKnn,
+        k: int,
+        id_val: dict[str, Tensor] | None,
+        t_ft: float,
+        t_zs: float,
+        report: dict[str, Any],
+    ) -> tuple[float, float, str]:
+        """(a, b, how): fixed from the config, derived from the ZSF self-distances, or picked on id_val."""
+        config = self.config
+        if not config.pick_on_id_val:
+            a = config.a if config.a is not None else order_statistic(own, config.a_quantile)
+            b = config.b if config.b is not None else max(config.b_ratio * a, MIN_WIDTH)
+            how = "config" if config.a is not None and config.b is not None else "zsf_self_distances"
+            return a, b, how
+        distance = to_distance(index.squared_distances(id_val["embeddings"], k)[:, -1], config.distance)
+        grid = []
+        for quantile in config.a_quantiles:
+            a = order_statistic(own, quantile)
+            for ratio in config.b_ratios:
+                b = max(ratio * a, MIN_WIDTH)
+                log_probs = vrf_log_probs(id_val["finetuned"], id_val["zero_shot"], distance, a, b, t_ft, t_zs)
+                accuracy = float((log_probs.argmax(-1) == id_val["labels"]).float().mean() * 100)
+                grid.append({"a_quantile": quantile, "b_ratio": ratio, "a": a, "b": b, "id_val": accuracy})
+        # Ties go to the smaller a, i.e. closer to the zero-shot model, the robust side.
+        best = max(grid, key=lambda point: (point["id_val"], -point["a"], point["b"]))
+        report["a_b_grid"] = grid
+        return best["a"], best["b"], "id_val"
+
+    @torch.no_grad()
+    def _mean_weights(self, predictor: VrfPredictor, ctx: RunContext) -> dict[str, float]:
+        """Mean ``w`` per evaluation split: how much each split leans on the fine-tuned model."""
+        means = {}
+        for split in ctx.splits:
+            if split == "train":
+                continue
+            weights = [
+                sample_weight(
+                    predictor.distance(normalised_embedding_and_logits(predictor.finetuned, images)[0]),
+                    predictor.a,
+                    predictor.b,
+                )
+                for images, _ in ctx.iterate(split)
+            ]
+            means[split] = float(torch.cat(weights).mean())
+        return means
+
+    def load_predictor(self, model: nn.Module, checkpoint: Path, what: str) -> nn.Module:
+        state = load_state_dict_file(checkpoint)
+        missing = [key for key in PREDICTOR_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"{checkpoint}: not a VRF predictor (missing {', '.join(missing)})")
+        device = next(model.parameters()).device
+        members = torch.zeros(state["zsf_embeddings"].shape, device=device)
+        predictor = VrfPredictor(model, copy.deepcopy(model), members, k=1, a=0.0, b=1.0).to(device)
+        load_state_dict_strict(predictor, state, checkpoint, f"a VRF predictor of {what}")
+        return predictor
+
+
+def order_statistic(values: Tensor, quantile: float) -> float:
+    """An order statistic ("nearest"), so it commutes with monotone maps: l2 values are sqrt of squared ones."""
+    if len(values) == 0:
+        return 0.0
+    return float(torch.quantile(values.double(), quantile, interpolation="nearest"))
+
+
+def _quantiles(values: Tensor) -> dict[str, float]:
+    return {f"q{round(q * 100)}": order_statistic(values, q) for q in (0.1, 0.5, 0.9)}
