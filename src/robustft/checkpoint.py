@@ -23,6 +23,18 @@ def save_training_state(state: dict[str, Any], path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files a killed writer left beside ``path`` (``atomic_write``'s ``.<name>.tmp-<pid>``).
+
+    Called when a run resumes, when no writer of this run is alive; returns what was removed.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
 def load_training_state(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -32,5 +44,6 @@ def load_training_state(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         first = str(error).splitlines()[0] if str(error) else "unsafe pickle"
         raise CheckpointError(f"{path}: refusing to load: not a plain-tensor checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error})") from None
+    except Exception as error:  # zip, EOF and key errors of a torn or foreign file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None

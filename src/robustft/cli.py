@@ -41,15 +41,23 @@ def fit_command(
     config: Annotated[Path, typer.Argument(help="run config (YAML)")],
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    devices: Annotated[
+        int, typer.Option(min=1, help="data-parallel processes on this machine (relaunches under torchrun)")
+    ] = 1,
 ) -> None:
     """Train one method from a config; writes the run directory (config, metrics, checkpoints, results)."""
+    from robustft import distributed
     from robustft.config import load_config
     from robustft.report import print_table
     from robustft.runner import fit
 
     run_config = load_config(config, overrides)
+    if devices > 1 and distributed.launched_world_size() == 1:
+        distributed.check_batch_size(run_config.data.batch_size, devices)
+        arguments = ["fit", str(config), *(f"--set={item}" for item in overrides or []), *(["--resume"] * resume)]
+        raise typer.Exit(distributed.relaunch(devices, arguments))
     results = fit(run_config, resume=resume, log=console.print)
-    if results:
+    if results and distributed.is_main_process():
         print_table(results, console)
         console.print(f"run directory: {run_config.run_dir}")
 
@@ -213,10 +221,112 @@ def pretrain_digits(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def vrf(
+    run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
+    a: Annotated[float | None, typer.Option(help="w = 1/2 at d = a (default: from the ZSF set)")] = None,
+    b: Annotated[float | None, typer.Option(help="sigmoid width (default: 0.4 a)")] = None,
+    k: Annotated[float | None, typer.Option(help="k-th neighbour: count if >= 1, else fraction of the ZSF set")] = None,
+    distance: Annotated[str | None, typer.Option(help="squared_l2 (default) or l2")] = None,
+    pick_on_id_val: Annotated[bool, typer.Option(help="grid-search a, b on id_val accuracy")] = False,
+    out: PosthocOut = None,
+) -> None:
+    """VRF: sample-wise ensemble of the run's zero-shot and fine-tuned models; writes <out>/vrf/."""
+    chosen = {"a": a, "b": b, "k": k, "distance": distance, "pick_on_id_val": pick_on_id_val or None}
+    _posthoc("vrf", run_dir, {key: value for key, value in chosen.items() if value is not None}, out)
+
+
+@app.command()
+def domainbed(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) with a domainbed: section (methods, trials, ...)")],
+    overrides: SetOption = None,
+    methods: Annotated[str | None, typer.Option(help="methods, e.g. finetune,lora(rank=8) (domainbed.methods)")] = None,
+    trials: Annotated[int | None, typer.Option(help="trials per held-out domain (domainbed.trials)")] = None,
+    test_domains: Annotated[str | None, typer.Option(help="held-out domains, comma-separated (default all)")] = None,
+) -> None:
+    """DomainBed protocol: every held-out domain x trial x method into <output_dir>/<name>/; resumable.
+
+    Trains on all other domains, selects by training-domain validation (id_val), and writes the
+    per-domain and average accuracy table (mean ± standard error over trials) to domainbed.md/json.
+    data defaults to the built-in digits_domains benchmark; data.root takes root/<domain>/<class>/ folders.
+    """
+    from rich.table import Table
+
+    from robustft.config import set_key
+    from robustft.domainbed import failed_runs, format_cell, load_domainbed_config, plan_domainbed, run_domainbed
+    from robustft.sweep import split_values
+
+    raw = load_domainbed_config(config, overrides)
+    flags = {
+        "methods": [m.strip() for m in split_values(methods) if m.strip()] if methods else None,
+        "trials": trials,
+        "test_domains": [d.strip() for d in test_domains.split(",") if d.strip()] if test_domains else None,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            set_key(raw, f"domainbed.{key}", value, option=f"--{key.replace('_', '-')}")
+    plan = plan_domainbed(raw, source=str(config))
+    summary = run_domainbed(plan, log=console.print)
+    table = Table("method", *plan.test_domains, "Avg", title=f"DomainBed: {plan.directory} (held-out accuracy %)")
+    for method, row in summary["table"].items():
+        table.add_row(method, *(format_cell(row[d]) for d in [*plan.test_domains, "avg"]))
+    console.print(table)
+    console.print(f"table: {plan.directory / 'domainbed.md'}")
+    failed = failed_runs(summary)
+    if failed:
+        console.print(f"failed runs (re-run the command to retry them): {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Check a run config's data: counts, hashes, unreadable files.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) whose data: section is checked")],
+    overrides: SetOption = None,
+    write_manifests: Annotated[
+        Path | None, typer.Option(help="write <split>.sha256 manifests (sha256sum format) into this folder")
+    ] = None,
+) -> None:
+    """Count images and classes, hash every file, decode every image; compare with data.expected (exit 1 on any
+    difference, naming the split and file)."""
+    import yaml
+    from rich.table import Table
+
+    from robustft.config import load_config
+    from robustft.data.integrity import check_data, expected_section
+
+    result = check_data(load_config(config, overrides).data, write_manifests)
+    table = Table("split", "images", "classes", "unreadable", "manifest sha256", title=f"data check: {config}")
+    for split in result.splits:
+        table.add_row(split.name, str(split.images), str(split.classes), str(len(split.unreadable)), split.sha256)
+    console.print(table)
+    if write_manifests is not None:
+        console.print(f"manifests written to {write_manifests}")
+    if result.problems:
+        for problem in result.problems:
+            print(f"robustft: error: {problem}", file=sys.stderr)
+        raise typer.Exit(1)
+    console.print("to declare this data, add under data: in the config:")
+    console.print(yaml.safe_dump({"expected": expected_section(result.splits)}, sort_keys=False), markup=False)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
     except RobustftError as error:
-        print(f"robustft: error: {error}", file=sys.stderr)
+        print(f"robustft: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(error: RobustftError) -> str:
+    """The error's own message. A DataLoader worker re-raises an error as the same class with the worker's
+    traceback in its message ("Caught DataError in DataLoader worker ..."); its last line is the original."""
+    message = str(error)
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.partition(f"{type(error).__name__}: ")[2] or last

@@ -29,10 +29,30 @@ class ModelConfig(StrictModel):
     prototype_scale: float = Field(10.0, gt=0, description="logit scale of a class-prototype head")
 
 
-class DataConfig(StrictModel):
-    """The built-in benchmark, or image folders / CSV manifests with named splits."""
+class SplitExpectation(StrictModel):
+    """What a split is declared to hold (``data.expected.<split>``); ``robustft data check`` verifies it."""
 
-    benchmark: Literal["digits_shift"] | None = "digits_shift"
+    images: int | None = Field(None, ge=0, description="number of images (checked whenever data loads)")
+    classes: int | None = Field(None, ge=0, description="number of distinct labels (checked whenever data loads)")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="manifest hash (robustft.data.integrity); data check only"
+    )
+    manifest: Path | None = Field(None, description="sha256sum-format file list; data check names changed files")
+
+
+class DomainsConfig(StrictModel):
+    """One leave-one-domain-out split of a multi-domain dataset (DomainBed protocol, data/domainbed.py)."""
+
+    test_domain: str = Field(description="the held-out domain: split ood_<domain>, never in train or id_val")
+    trial: int = Field(0, ge=0, description="seeds the train / id_val split of every training domain")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each training domain kept for id_val")
+
+
+class DataConfig(StrictModel):
+    """The built-in benchmark, or image folders / CSV manifests with named splits, or a multi-domain
+    dataset (``digits_domains`` or ``root/<domain>/<class>/``) split leave-one-domain-out by ``domains``."""
+
+    benchmark: Literal["digits_shift", "digits_domains"] | None = "digits_shift"
     root: Path | None = None
     splits: dict[str, str] = Field(default_factory=dict, description="split name -> folder or .csv")
     class_names: list[str] | str | None = None
@@ -40,13 +60,38 @@ class DataConfig(StrictModel):
     eval_batch_size: PositiveInt = 256
     num_workers: int = Field(0, ge=0)
     augment: bool = False
+    expected: dict[str, SplitExpectation] = Field(
+        default_factory=dict, description="split name -> declared images / classes / sha256 / manifest"
+    )
+    allow_count_mismatch: bool = Field(False, description="evaluate splits whose counts differ from data.expected")
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="unreadable image: fail when read, or skip (every image is decoded at load, count logged)"
+    )
+    domains: DomainsConfig | None = Field(
+        None, description="leave-one-domain-out split of benchmark digits_domains or of root/<domain>/<class>/"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        if self.domains is not None or self.benchmark == "digits_domains":
+            return self._domains_source()
         if self.benchmark is None and not self.splits:
             raise ValueError("set data.benchmark or data.splits")
         if self.benchmark is not None and self.splits:
             raise ValueError("data.benchmark and data.splits are exclusive; set benchmark: null to use splits")
+        return self
+
+    def _domains_source(self) -> DataConfig:
+        if self.domains is None:
+            raise ValueError("benchmark digits_domains needs data.domains.test_domain (or use robustft domainbed)")
+        if self.splits:
+            raise ValueError("data.domains and data.splits are exclusive (the domains protocol makes the splits)")
+        if self.benchmark == "digits_shift":
+            raise ValueError("data.domains needs benchmark digits_domains, or benchmark: null and data.root")
+        if self.benchmark is None and self.root is None:
+            raise ValueError("data.domains: set data.root to a folder of domain folders (root/<domain>/<class>/)")
+        if self.benchmark is not None and self.root is not None:
+            raise ValueError("data.root is for domain folders; set benchmark: null to use it")
         return self
 
 
@@ -99,6 +144,14 @@ class MethodSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class EvaluateConfig(StrictModel):
+    """How finished predictors are scored."""
+
+    temperature_scaling: bool = Field(
+        True, description="fit a temperature on id_val; report ece_ts / nll_ts per split (issue 11)"
+    )
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
@@ -108,6 +161,7 @@ class RunConfig(StrictModel):
     method: MethodSpec = Field(default_factory=MethodSpec)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @property
     def run_dir(self) -> Path:

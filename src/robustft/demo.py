@@ -68,7 +68,7 @@ def run_demo(
     fine-tunes at ``SOUP_LEARNING_RATES`` into ``out/soup_ingredients/``.
     """
     start = time.perf_counter()
-    names = methods or list_methods()
+    names = _runnable_on_builtin_model(methods or list_methods(), log)
     single = [name for name in names if not combines_runs(get_method(name))]
     combined = [name for name in names if combines_runs(get_method(name))]
     if combined and "finetune" not in single:
@@ -94,6 +94,17 @@ def run_demo(
     merged["total_seconds"] = time.perf_counter() - start
     log(f"report: {report}")
     return merged
+
+
+def _runnable_on_builtin_model(names: list[str], log: Callable[[str], None]) -> list[str]:
+    """The methods the built-in digits ViT can run; the others are skipped with a logged reason."""
+    runnable = []
+    for name in names:
+        if get_method(name).requires_text_tower:
+            log(f"{name}: skipped (needs a CLIP-style model with a text tower; the built-in digits_vit has none)")
+        else:
+            runnable.append(name)
+    return runnable
 
 
 def _trains(name: str) -> bool:

@@ -18,15 +18,25 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from robustft.checkpoint import load_training_state, save_training_state
+from robustft import distributed
+from robustft.backbones.checkpoint_files import load_state_dict_strict
+from robustft.checkpoint import load_training_state, remove_stale_temporaries, save_training_state
 from robustft.config import OptimConfig, TrainConfig
 from robustft.data import training_loader
-from robustft.errors import RobustftError
+from robustft.errors import CheckpointError, RobustftError
 from robustft.methods.base import Method, RunContext
 
 
 class NonFiniteLossError(RobustftError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class OutOfMemoryError(RobustftError):
+    """The GPU ran out of memory; the message names a batch size and accumulation that keep the effective batch."""
+
+
+class RankMismatchError(RobustftError):
+    """Ranks computed gradients for different parameters, so averaging them would be meaningless."""
 
 
 @dataclass
@@ -38,9 +48,25 @@ class FitSummary:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device``; ``auto`` picks a GPU when there is one, and under torchrun each rank its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.device_for_rank(torch.device(name))
+
+
+def out_of_memory_advice(batch_size: int, accumulation: int, device: torch.device, processes: int = 1) -> str:
+    """One line: where memory ran out, and the halved micro-batch with doubled accumulation that keeps
+    the effective batch (``batch_size * grad_accumulation``) and so the training recipe."""
+    per_process = batch_size // processes
+    where = f"out of GPU memory on {device} at data.batch_size={batch_size}"
+    where += f" ({per_process} per process)" if processes > 1 else ""
+    half = batch_size // 2 // processes * processes
+    if half < processes or per_process < 2:
+        return f"{where}: already one sample per device; use train.precision=bf16, a smaller model or more GPUs"
+    return (
+        f"{where} with train.grad_accumulation={accumulation}; try data.batch_size={half} with "
+        f"train.grad_accumulation={accumulation * 2} (same effective batch)"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -92,86 +118,159 @@ class Engine:
         groups = method.parameter_groups(model, self.optim.weight_decay)
         if not method.trains or not groups:
             return FitSummary(0, 0.0, None, False)
+        distributed.check_batch_size(self.batch_size)
+        distributed.broadcast_module(model)  # every rank starts from rank 0's weights, as DDP does
+        main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
         warmup = int(self.optim.warmup_fraction * total)
         optimizer = build_optimizer(groups, self.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, total, warmup, self.optim.schedule)
         )
-        state = _TrainState(batches_per_epoch=math.ceil(len(train_split) / self.batch_size))
+        state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
         resumed_from = None
         if resume and checkpoint_path.is_file():
-            resumed_from = state.restore(load_training_state(checkpoint_path), model, optimizer, scheduler, method)
+            if main:
+                remove_stale_temporaries(checkpoint_path)
+            checkpoint = load_training_state(checkpoint_path)
+            resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path)
             ctx.log(f"resumed from {checkpoint_path} at step {resumed_from}")
-            _truncate_jsonl(ctx.run_dir / "metrics.jsonl", resumed_from)
+            if main:
+                _truncate_jsonl(ctx.run_dir / "metrics.jsonl", resumed_from)
         method.bind_optimizer(optimizer)
         stop_at = min(total, self.train.stop_after) if self.train.stop_after else total
         metrics_path = ctx.run_dir / "metrics.jsonl"
-        batches = state.batches(train_split, self.batch_size, ctx)
-        progress = _progress(total, state.step, enabled=self.train.progress)
+        batches = state.batches(train_split, ctx)
+        progress = _progress(total, state.step, enabled=self.train.progress and main)
+        saved_at = resumed_from
         model.train()
         start = time.perf_counter()
         while state.step < stop_at:
-            logs = self._step(method, model, optimizer, batches, ctx.device, state.step)
+            try:
+                logs = self._step(method, model, optimizer, batches, ctx.device, state.step)
+            except NonFiniteLossError as error:
+                progress.close()
+                kept = _kept(checkpoint_path, saved_at)
+                raise NonFiniteLossError(f"{error} at step {state.step + 1}; {kept}") from None
             scheduler.step()
             method.after_step(model, state.step)
             state.step += 1
             progress.update(1)
-            if state.step % self.train.log_every == 0 or state.step == stop_at:
+            if main and (state.step % self.train.log_every == 0 or state.step == stop_at):
                 logs |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch()}
                 _append_jsonl(metrics_path, logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % self.train.checkpoint_every == 0 or state.step == stop_at:
-                save_training_state(state.capture(model, optimizer, scheduler, method), checkpoint_path)
+                if main:
+                    save_training_state(state.capture(model, optimizer, scheduler, method), checkpoint_path)
+                saved_at = state.step
         progress.close()
         return FitSummary(state.step, time.perf_counter() - start, resumed_from, state.step < total)
 
     def _step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
+        """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""
+        try:
+            return self._optimizer_step(method, model, optimizer, batches, device, step)
+        except torch.cuda.OutOfMemoryError:
+            processes = distributed.world_size()
+            advice = out_of_memory_advice(self.batch_size, self.train.grad_accumulation, device, processes)
+            raise OutOfMemoryError(advice) from None
+
+    def _optimizer_step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
         for _ in range(accumulation):
-            images, labels = next(batches)
+            images, labels, weight = next(batches)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with self.autocast(device):
                 loss, logs = method.loss(model, (images, labels), step)
+            if weight != 1.0:  # this rank's share of an unevenly split global batch (distributed only)
+                loss = loss * weight
             (loss / accumulation).backward()
             total_loss += loss.detach().float() / accumulation
-        loss_value = float(total_loss)  # one sync per optimiser step, for logging and the NaN guard
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at this step; stopped, last good checkpoint kept (lower optim.lr?)"
-            )
-        method.after_backward(model, step)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        loss_value, logs = _reduce_over_ranks(total_loss, logs, params)  # one sync per optimiser step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value}")
+        method.after_backward(model, step)
         if self.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, **{k: float(v) for k, v in logs.items()}}
+        return {"loss": loss_value, **logs}
+
+
+def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor]):
+    """The step's loss and logs as floats; across ranks, also average them and the gradients.
+
+    One small all-reduce carries the loss, the logs and the number of gradient tensors (and its
+    square): every rank sees the same global loss, so a NaN stops all ranks together, and a rank
+    whose method produced gradients for other parameters is caught instead of deadlocking the
+    bucketed gradient all-reduce that follows (equal sums of k and k^2 hold only when all k agree).
+    """
+    if distributed.world_size() == 1:
+        return float(total_loss), {key: float(value) for key, value in logs.items()}
+    grads = [p.grad for p in params if p.grad is not None]
+    processes, count = distributed.world_size(), len(grads)
+    values = [float(total_loss), *(float(value) for value in logs.values())]
+    summary = torch.tensor([*values, count, count * count], dtype=torch.float64)
+    distributed.all_reduce_sum_([summary])
+    if summary[-2] != processes * count or summary[-1] != processes * count * count:
+        raise RankMismatchError(
+            f"rank {distributed.rank()} has gradients for {count} tensors, another rank for a different number; "
+            "every rank must use the same parameters in each step (a data-dependent branch in the method's loss?)"
+        )
+    means = (summary[:-2] / processes).tolist()
+    if math.isfinite(means[0]):
+        distributed.all_reduce_mean_(grads)
+    return means[0], dict(zip(logs, means[1:], strict=True))
+
+
+def _kept(checkpoint: Path, step: int | None) -> str:
+    if step is None:
+        return "stopped before the first checkpoint (train.checkpoint_every); lower optim.lr or set train.grad_clip"
+    return f"stopped; the last good checkpoint is {checkpoint} (step {step}): lower optim.lr, then --resume"
 
 
 class _TrainState:
-    """Step counter and data position; captures and restores everything a resume needs."""
+    """Step counter and data position; captures and restores everything a resume needs.
 
-    def __init__(self, batches_per_epoch: int) -> None:
+    The data position counts *global* micro-batches, so a run may resume with another number of
+    processes as long as ``data.batch_size`` (the global batch) is unchanged.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shard: int = 0, shards: int = 1) -> None:
         self.step = 0
         self.micro_batches = 0
-        self.batches_per_epoch = batches_per_epoch
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.batches_per_epoch = math.ceil(num_samples / batch_size)
+        self.shard, self.shards = shard, shards
 
     def epoch(self) -> float:
         return self.micro_batches / self.batches_per_epoch
 
-    def batches(self, dataset: Dataset, batch_size: int, ctx: RunContext):
+    def batches(self, dataset: Dataset, ctx: RunContext):
+        """``(images, labels, weight)``: this rank's part of each global micro-batch and its loss weight."""
+        size = self.batch_size
         while True:
             epoch, start = divmod(self.micro_batches, self.batches_per_epoch)
-            loader = training_loader(dataset, batch_size, ctx.seed, epoch, start, ctx.num_workers)
-            for batch in loader:
+            loader = training_loader(dataset, size, ctx.seed, epoch, start, ctx.num_workers, self.shard, self.shards)
+            for images, labels in loader:
+                position = self.micro_batches % self.batches_per_epoch
+                global_size = min(size, self.num_samples - position * size)
+                weight = distributed.batch_weight(global_size, self.shard, self.shards) if self.shards > 1 else 1.0
                 self.micro_batches += 1
-                yield batch
+                yield images, labels, weight
 
     def capture(self, model, optimizer, scheduler, method: Method) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
+        numpy_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -184,14 +283,35 @@ class _TrainState:
             "rng": rng,
         }
 
-    def restore(self, state: dict[str, Any], model, optimizer, scheduler, method: Method) -> int:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    def restore(self, state: dict[str, Any], model, optimizer, scheduler, method: Method, path: Path) -> int:
+        """Load a checkpoint into this run; a checkpoint of another model or method is a CheckpointError."""
+        required = ("step", "micro_batches", "model", "optimizer", "scheduler", "rng")
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a robustft training checkpoint (missing {', '.join(missing)})")
+        load_state_dict_strict(model, state["model"], path, f"this run's model (method {method.name})")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"{path}: its optimiser state does not match this run's parameter groups ({error}); "
+                "was it written with another method or config?"
+            ) from None
         scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        method.load_state_dict(state.get("method", {}))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            version, internal, gauss = rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if "numpy" in rng:
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        if "cuda" in rng and torch.cuda.is_available():
+            if distributed.world_size() > 1:  # rank 0's GPU stream is every rank's (same seed, same draws)
+                torch.cuda.set_rng_state(rng["cuda"][0], torch.cuda.current_device())
+            else:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
         self.micro_batches = int(state["micro_batches"])
         return self.step

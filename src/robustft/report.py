@@ -126,7 +126,21 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         header.append("active params")
         for row, name in zip(rows, ordered_methods(methods), strict=True):
             row.append(human_count(methods[name].get("active_params")))
+    if any("ece" in entry for entry in methods.values()):  # calibration (issue 11): lower is better
+        header += ["ECE ID", "ECE OOD avg"]
+        for row, name in zip(rows, ordered_methods(methods), strict=True):
+            row += [_fmt(_split_value(methods[name], "ece")), _fmt(_ood_mean(methods[name], "ece"))]
     return header, rows
+
+
+def _split_value(entry: dict[str, Any], key: str, split: str = "id_test") -> float | None:
+    return (entry.get(key) or {}).get(split)
+
+
+def _ood_mean(entry: dict[str, Any], key: str) -> float | None:
+    """Unweighted mean of a per-split metric (``ece``, ``nll``...) over the OOD splits."""
+    values = [value for split, value in (entry.get(key) or {}).items() if split.startswith("ood_")]
+    return sum(values) / len(values) if values else None
 
 
 def ordered_methods(methods: dict[str, Any]) -> list[str]:
@@ -356,7 +370,8 @@ def _report_markdown(
     if f1 is not None:
         parts += ["## Macro-F1 per split\n", f1]
     parts += ["## ID vs OOD\n", f"![ID vs OOD accuracy]({figure_name})\n"]
-    parts += [*_alpha_sweep_section(results, curves or {}), *_soup_section(results), _HOW_TO_READ]
+    parts += [*_alpha_sweep_section(results, curves or {}), *_soup_section(results), *_calibration_section(results)]
+    parts.append(_HOW_TO_READ)
     return "\n".join(parts)
 
 
@@ -391,6 +406,29 @@ def _soup_section(results: dict[str, Any]) -> list[str]:
         rows.append([name, str(len(entry["ingredients"])), str(len(kept)), _fmt(entry.get("id")),
                      _fmt(ood_average(entry))])
     return ["## Model soups\n", _markdown(["method", "ingredients", "kept", "ID", "OOD avg"], rows)]
+
+
+def _calibration_section(results: dict[str, Any]) -> list[str]:
+    """ECE (percent) and NLL (nats) on ID and OOD, raw and after temperature scaling fitted on id_val."""
+    methods = results["methods"]
+    calibrated = [name for name in ordered_methods(methods) if "ece" in methods[name]]
+    if not calibrated:
+        return []
+    header = ["method", "ECE ID", "ECE OOD avg", "NLL ID", "NLL OOD avg", "T (id_val)", "ECE ID, TS",
+              "ECE OOD avg, TS", "NLL OOD avg, TS"]
+    rows = []
+    for name in calibrated:
+        entry = methods[name]
+        temperature = entry.get("temperature")
+        rows.append([name, _fmt(_split_value(entry, "ece")), _fmt(_ood_mean(entry, "ece")),
+                     _fmt(_split_value(entry, "nll"), 3), _fmt(_ood_mean(entry, "nll"), 3),
+                     MISSING if temperature is None else f"{temperature:.3g}",
+                     _fmt(_split_value(entry, "ece_ts")), _fmt(_ood_mean(entry, "ece_ts")),
+                     _fmt(_ood_mean(entry, "nll_ts"), 3)])
+    note = ("ECE: expected calibration error over 15 equal-width confidence bins, in percentage points; NLL: mean "
+            "negative log-likelihood in nats; lower is better for both. TS: after dividing the logits by one "
+            "temperature T fitted on `id_val` only (Guo et al., 2017); it never changes accuracy.\n")
+    return ["## Calibration\n", _markdown(header, rows), note]
 
 
 def _alpha(value: float | None) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from robustft import distributed
 from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import load_splits, sequential_loader
-from robustft.engine import Engine, resolve_device, seed_everything
+from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
+from robustft.errors import ConfigError
 from robustft.evaluate import evaluate_splits, summarize
 from robustft.methods import RunContext, get_method
 from robustft.methods.base import Method
@@ -93,10 +96,17 @@ def fit(
 
     Returns the results.json content. ``prepared`` lets callers (the demo) reuse loaded data; its
     model is copied, never modified.
+
+    Under torchrun every rank runs this function (docs/distributed.md): all ranks prepare, train
+    and score their shard of each split; rank 0 alone logs and writes the run directory.
     """
+    distributed.init_from_env(resolve_device(config.train.device))
+    main = distributed.is_main_process()
+    log = log if main else _quiet
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, run_dir / "config.yaml")
+    if main:
+        write_resolved_config(config, run_dir / "config.yaml")
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -104,25 +114,83 @@ def fit(
         seed_everything(config.seed)
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
+    check_class_count(model, ctx.class_names)
     method = get_method(config.method.name)(config.method_options())
     start = time.perf_counter()
-    model = method.prepare(model, ctx)
-    trainable = count_trainable(model)
-    method.setup(model, ctx)
+    with eval_memory_advice(config, ctx.device):
+        model = method.prepare(model, ctx)
+        trainable = count_trainable(model)
+        method.setup(model, ctx)
     engine = Engine(config.train, config.optim, config.data.batch_size)
     summary = engine.fit(method, model, ctx, resume=resume)
-    predictor = method.finalize(model, ctx)
+    with eval_memory_advice(config, ctx.device):
+        predictor = method.finalize(model, ctx)
     train_seconds = time.perf_counter() - start
     if summary.stopped_early:
         log(f"stopped after step {summary.steps} (train.stop_after); continue with --resume")
         return {}
-    save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
-    entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers))
+    if main:
+        save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
+    scaling = config.evaluate.temperature_scaling
+    with eval_memory_advice(config, ctx.device):
+        metrics = evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers,
+                                  temperature_scaling=scaling)
+    entry = summarize(metrics)
     entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
     entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
     results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
-    (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    if main:
+        (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: one line per run, not one per process."""
+
+
+def check_class_count(model: nn.Module, class_names: list[str]) -> None:
+    """A head with C outputs cannot score data with C' != C classes: a ConfigError naming both counts."""
+    outputs = getattr(model, "num_classes", None)
+    if outputs is not None and outputs != len(class_names):
+        raise ConfigError(
+            f"class count mismatch: the model's head has {outputs} classes but the data has {len(class_names)} "
+            "(data.class_names / data.splits); use data with the classes the model was built for"
+        )
+
+
+def check_checkpoint_classes(path: Path, class_names: list[str]) -> None:
+    """Read only the header of a safetensors checkpoint: does its ``head`` match the data's class count?"""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return  # load_predictor names a missing or foreign file
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()
+            if "head.weight" not in names:
+                return
+            outputs = handle.get_slice("head.weight").get_shape()[0]
+    except Exception:  # a torn file: load_predictor names it
+        return
+    if outputs != len(class_names):
+        raise ConfigError(
+            f"class count mismatch: {path} has a head with {outputs} classes but the data has "
+            f"{len(class_names)} (data.class_names / data.splits in the run's config.yaml)"
+        )
+
+
+@contextmanager
+def eval_memory_advice(config: RunConfig, device: torch.device) -> Iterator[None]:
+    """Turn a GPU out-of-memory error in inference (pre-passes, evaluation) into one line of advice."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        size = config.data.eval_batch_size
+        raise OutOfMemoryError(
+            f"out of GPU memory on {device} during inference at data.eval_batch_size={size}; "
+            f"try data.eval_batch_size={max(1, size // 2)}"
+        ) from None
 
 
 def is_json_value(value: Any) -> bool:
@@ -140,11 +208,17 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
     """Re-evaluate a finished run from its resolved config and final checkpoint."""
     config = load_config(run_dir / "config.yaml")
     config = config.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
-    prepared = prepare_run(config, log)
+    distributed.init_from_env(resolve_device(config.train.device))
+    main = distributed.is_main_process()
+    prepared = prepare_run(config, log if main else _quiet)
     method: Method = get_method(config.method.name)(config.method_options())
+    check_checkpoint_classes(run_dir / FINAL_CHECKPOINT, prepared.ctx.class_names)
     predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx
-    entry = summarize(evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size))
+    scaling = config.evaluate.temperature_scaling
+    with eval_memory_advice(config, ctx.device):
+        metrics = evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, temperature_scaling=scaling)
+    entry = summarize(metrics)
     previous = run_dir / RESULTS_FILE
     name = method.result_name
     if previous.is_file():
@@ -152,5 +226,7 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
         entry = {**saved.get(name, {}), **entry}
     results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {name: entry}}
-    previous.write_text(json.dumps(results, indent=2))
+    if main:
+        previous.write_text(json.dumps(results, indent=2))
+    distributed.barrier()
     return results

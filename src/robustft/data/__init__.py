@@ -12,11 +12,13 @@ from robustft.data.tensor_split import TensorSplit
 from robustft.errors import DataError
 
 
-def _loader(dataset: Dataset, order: list[int], batch_size: int, num_workers: int) -> DataLoader:
-    """A loader over a fixed order. It gets its own generator: a DataLoader otherwise draws its worker
-    seed from the global RNG each time it is iterated, which would shift dropout / mixout masks after a
-    mid-epoch resume."""
-    batches = BatchSampler(order, batch_size, drop_last=False)
+def _loader(
+    dataset: Dataset, order: list[int], batch_size: int, num_workers: int, batches: list[list[int]] | None = None
+) -> DataLoader:
+    """A loader over a fixed order (or given ``batches``). It gets its own generator: a DataLoader otherwise
+    draws its worker seed from the global RNG each time it is iterated, which would shift dropout / mixout
+    masks after a mid-epoch resume."""
+    batches = BatchSampler(order, batch_size, drop_last=False) if batches is None else batches
     generator = torch.Generator().manual_seed(len(order))
     if getattr(dataset, "supports_batch_indexing", False):
         return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, generator=generator)
@@ -34,15 +36,48 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 
 
 def training_loader(
-    dataset: Dataset, batch_size: int, seed: int, epoch: int, start_batch: int = 0, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Batches of one epoch from ``start_batch`` on (the data position a checkpoint stores)."""
+    """Batches of one epoch from ``start_batch`` on (the data position a checkpoint stores).
+
+    With ``world_size`` > 1 every rank walks the same seeded order in global batches of ``batch_size``
+    and loads only its contiguous slice of each (``robustft.distributed.shard_batches``), so N ranks
+    together see exactly the batches one process would.
+    """
     order = epoch_order(len(dataset), seed, epoch)[start_batch * batch_size :]
-    return _loader(dataset, order, batch_size, num_workers)
+    if world_size == 1:
+        return _loader(dataset, order, batch_size, num_workers)
+    from robustft.distributed import shard_batches
+
+    batches = shard_batches(order, batch_size, rank, world_size)
+    return _loader(dataset, order, batch_size, num_workers, batches=batches)
 
 
 def load_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[str, Dataset], list[str]]:
-    """Named splits (train, id_val, id_test, ood_*) and the class names, for a backbone's data config."""
+    """Named splits (train, id_val, id_test, ood_*) and the class names, for a backbone's data config.
+
+    Splits whose image or class counts differ from ``data.expected`` are refused (``DataError``) unless
+    ``data.allow_count_mismatch`` (robustft.data.integrity).
+    """
+    from robustft.data.integrity import verify_counts
+
+    splits, class_names = _load_configured_splits(config, data_config)
+    verify_counts(splits, config.expected, config.allow_count_mismatch)
+    return splits, class_names
+
+
+def _load_configured_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[str, Dataset], list[str]]:
+    if config.domains is not None:
+        from robustft.data.domainbed import load_domain_splits
+
+        return load_domain_splits(config, data_config)
     if config.benchmark == "digits_shift":
         from robustft.data import digits_shift
 
@@ -51,11 +86,17 @@ def load_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[s
         return splits, list(digits_shift.CLASS_NAMES)
     from robustft.data.folders import load_image_splits
 
-    return load_image_splits(config.splits, config.root, config.class_names, data_config, config.augment)
+    return load_image_splits(
+        config.splits, config.root, config.class_names, data_config, config.augment, on_bad_image=config.on_bad_image
+    )
 
 
 def resolve_class_names(config: DataConfig) -> list[str]:
     """Class names before any model exists (zero-shot heads need them)."""
+    if config.domains is not None:
+        from robustft.data.domainbed import domain_class_names
+
+        return domain_class_names(config)
     if config.benchmark == "digits_shift":
         from robustft.data.digits_shift import CLASS_NAMES
 

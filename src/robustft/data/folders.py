@@ -9,10 +9,11 @@ broken file) raises a one-line ``DataError``/``ConfigError`` that names the file
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from robustft.data.transforms import build_transform
 from robustft.errors import ConfigError, DataError
 
+logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 Sample = tuple[Path, int, str | None]
@@ -69,6 +71,8 @@ class ImageSplit(Dataset):
         self.transform = transform
         self.name = name
         self.source = source
+        self.skipped: list[Path] = []
+        """Unreadable files dropped at load (``data.on_bad_image: skip``)."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -270,6 +274,7 @@ def load_image_splits(
     class_names: Sequence[str] | str | Path | None,
     data_config: dict[str, Any],
     augment: bool = False,
+    on_bad_image: Literal["fail", "skip"] = "fail",
 ) -> tuple[dict[str, ImageSplit], list[str]]:
     """Load every configured split against one list of class names.
 
@@ -278,6 +283,11 @@ def load_image_splits(
     image paths are relative to the CSV itself. Only ``train`` gets the (optionally augmented)
     training transform. Returns the splits (train, id_val, id_test, then the OOD splits in the
     given order) and the class names.
+
+    ``on_bad_image``: ``fail`` (default) checks nothing up front; reading an unreadable image raises a
+    ``DataError`` naming it (``robustft data check`` lists them all beforehand). ``skip`` decodes every
+    image now, drops the unreadable ones and logs how many per split (their paths stay in
+    ``split.skipped``); declared counts (``data.expected``) then catch a skip that went too far.
     """
     _check_split_names(list(splits))
     root_path = Path(root).expanduser() if root is not None else None
@@ -292,4 +302,21 @@ def load_image_splits(
             raise DataError(f"split '{name}' ({path}) has no images")
         transform = build_transform(data_config, train=name == "train", augment=augment)
         loaded[name] = ImageSplit(samples, transform, name=name, source=path)
+        if on_bad_image == "skip":
+            loaded[name] = _without_unreadable(loaded[name], samples)
     return loaded, names
+
+
+def _without_unreadable(split: ImageSplit, samples: list[Sample]) -> ImageSplit:
+    bad = set(check_images(split))
+    if not bad:
+        return split
+    if len(bad) == len(samples):
+        raise DataError(f"split '{split.name}' ({split.source}): none of its {len(samples)} images can be read")
+    kept = ImageSplit([s for s in samples if s[0] not in bad], split.transform, name=split.name, source=split.source)
+    kept.skipped = sorted(bad)
+    first = kept.skipped[0]
+    logger.warning(
+        "split '%s': skipped %d unreadable images of %d (first: %s)", split.name, len(bad), len(samples), first
+    )
+    return kept

@@ -2,14 +2,19 @@
 
 from robustft.methods import (  # noqa: F401  (registration)
     finetune,
+    flyp,
     gmixout,
+    l2_sp,
     linear_probe,
+    lora,
     lp_ft,
     masked_counterfactual,
     mixout,
+    mixture_of_adapters,
     model_soup,
     output_ensemble,
     saft,
+    vrf,
     wise_ft,
     zeroshot,
 )

@@ -70,6 +70,8 @@ class Method:
     """Post-hoc over a finished fine-tuning run, named by the config option ``finetuned_run``."""
     needs_ingredients: ClassVar[bool] = False
     """Post-hoc over several finished runs, named by the config option ``ingredients``."""
+    requires_text_tower: ClassVar[bool] = False
+    """Needs a CLIP-style model with a text tower (``model.source: open_clip``); skipped by the demo."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

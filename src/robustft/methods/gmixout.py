@@ -134,7 +134,8 @@ class GMixout(Method):
         if not cfg.train_others:
             model.requires_grad_(False)
         device = model.get_parameter(names[0]).device
-        self._generator = torch.Generator(device=device).manual_seed(ctx.seed + 0x6D1C)  # masks: own stream
+        # Masks come from their own stream, seeded alike on every torchrun rank: all ranks draw the same masks.
+        self._generator = torch.Generator(device=device).manual_seed(ctx.seed + 0x6D1C)
         indices = {}
         for name in names:
             shape = model.get_parameter(name).shape

@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from robustft import distributed
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, register_method
@@ -54,7 +55,8 @@ def gradient_scores(model: nn.Module, names: list[str], batches) -> dict[str, Te
     """``|mean gradient|`` of the cross-entropy over all ``batches`` for each named parameter.
 
     Per-batch losses are summed (not averaged), so the result is the mean over samples, not over
-    batches, whatever the batch sizes.
+    batches, whatever the batch sizes. Under torchrun each rank passes the batches of its shard and
+    the sums and counts are all-reduced before the mean: the scores of the whole split.
     """
     parameters = {name: model.get_parameter(name) for name in names}
     totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
@@ -70,6 +72,9 @@ def gradient_scores(model: nn.Module, names: list[str], batches) -> dict[str, Te
         for name, grad in zip(parameters, grads, strict=True):
             totals[name] += grad.float()
         count += labels.numel()
+    counted = torch.tensor([float(count)], device=next(iter(totals.values())).device)
+    distributed.all_reduce_sum_([*totals.values(), counted])
+    count = int(counted.item())
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(needs_grad[name])
     model.train(was_training)
@@ -112,6 +117,15 @@ def load_selection(path: Path, model: nn.Module) -> dict[str, Tensor]:
     return selection
 
 
+def _shard_batches(ctx: RunContext, split: str):
+    """This rank's contiguous shard of ``split`` on the run's device (the whole split in one process)."""
+    from robustft.data import sequential_loader
+
+    shard = distributed.ShardView(ctx.splits[split])
+    for images, labels in sequential_loader(shard, ctx.eval_batch_size, ctx.num_workers):
+        yield images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+
+
 @register_method
 class SAFT(Method):
     """SAFT (seed 001): train only the top-k entries by gradient magnitude at the pretrained weights."""
@@ -126,9 +140,11 @@ class SAFT(Method):
         if cfg.selection_path is not None:
             selection = load_selection(cfg.selection_path, model)
         else:
-            scores = gradient_scores(model, names, ctx.iterate("train"))
+            scores = gradient_scores(model, names, _shard_batches(ctx, "train"))
             selection = top_k_selection(scores, round(cfg.fraction * total))
-        save_selection(selection, ctx.run_dir / SELECTION_FILE, cfg.fraction)
+            selection = distributed.broadcast_object({n: i.cpu() for n, i in selection.items()})  # rank 0's, ties
+        if distributed.is_main_process():
+            save_selection(selection, ctx.run_dir / SELECTION_FILE, cfg.fraction)
         device = next(model.parameters()).device
         model.requires_grad_(False)
         sparsify(model, {name: index.to(device) for name, index in selection.items()})

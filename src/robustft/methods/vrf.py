@@ -22,7 +22,7 @@ from robustft.backbones.checkpoint_files import load_state_dict_file, load_state
 from robustft.config import MethodConfig
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
 from robustft.methods.base import Method, RunContext, register_method
-from robustft.posthoc import final_checkpoint, load_run_weights
+from robustft.posthoc import LoadedRun, composed_name, final_checkpoint, finetuned_structure, load_run_predictor
 
 Distance = Literal["squared_l2", "l2"]
 # Temperatures are searched on log T within these bounds (NLL may keep falling as T -> 0 on a split the
@@ -296,14 +296,15 @@ class VrfConfig(MethodConfig):
         return sorted(set(values))
 
 
-def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> nn.Module:
-    """The fine-tuned model of ``run_dir`` (a copy of this run's model with that run's final weights).
+def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> LoadedRun:
+    """The predictor of ``run_dir``, rebuilt by that run's own method from a copy of this run's model.
 
-    The one place VRF reads its fine-tuned model, so another kind of run can be plugged in here.
+    Any trained method's run works (LoRA runs are merged plain models, mixture-of-adapters runs keep
+    their routed adapters); VRF needs its ``.backbone`` and ``.head`` for the embedding.
     """
-    finetuned = copy.deepcopy(model)
-    load_run_weights(finetuned, run_dir, ctx)
-    return finetuned.eval().requires_grad_(False)
+    loaded = load_run_predictor(copy.deepcopy(model), run_dir, ctx)
+    loaded.predictor.requires_grad_(False)
+    return loaded
 
 
 @torch.no_grad()
@@ -382,7 +383,9 @@ class Vrf(Method):
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         config = self.config
         model.eval()
-        finetuned = _load_finetuned(model, Path(config.finetuned_run), ctx)
+        loaded = _load_finetuned(model, Path(config.finetuned_run), ctx)
+        finetuned = loaded.predictor
+        self.result_name = composed_name(self.name, loaded.method)
         train = split_outputs(model, finetuned, ctx, "train")
         failures = zero_shot_failures(train["finetuned"], train["zero_shot"], train["labels"])
         members = train["embeddings"][failures]
@@ -483,7 +486,8 @@ class Vrf(Method):
             raise CheckpointError(f"{checkpoint}: not a VRF predictor (missing {', '.join(missing)})")
         device = next(model.parameters()).device
         members = torch.zeros(state["zsf_embeddings"].shape, device=device)
-        predictor = VrfPredictor(model, copy.deepcopy(model), members, k=1, a=0.0, b=1.0).to(device)
+        finetuned = finetuned_structure(model, self.config.finetuned_run)
+        predictor = VrfPredictor(model, finetuned, members, k=1, a=0.0, b=1.0).to(device)
         load_state_dict_strict(predictor, state, checkpoint, f"a VRF predictor of {what}")
         return predictor
 

@@ -1,0 +1,269 @@
+"""Data-parallel runs over ``torch.distributed``: the launcher is ``torchrun``, the maths is DDP's.
+
+``torchrun --nproc_per_node N -m robustft fit CONFIG`` starts N copies of the same run; each reads
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` from its environment and
+joins one process group (NCCL on GPUs, gloo on CPUs). Every rank holds the whole model. The engine
+splits each *global* batch of ``data.batch_size`` samples into contiguous per-rank slices and, after
+the backward passes of one optimiser step, averages the gradients over the ranks with one
+``all_reduce`` per bucket, so every rank takes the same optimiser step on the same weights, which is
+what ``DistributedDataParallel`` computes (see docs/distributed.md for why the engine reduces the
+gradients itself instead of wrapping the model).
+
+Every helper here is a no-op (or the identity) in a single process, so methods may call them freely:
+``is_main_process``, ``rank``, ``world_size``, ``barrier``, ``broadcast_object``, ``broadcast_module``,
+``all_reduce_sum_``, ``shard_range``, ``ShardView`` and ``gather_shards``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from robustft.errors import ConfigError
+
+# Gradients are reduced in buckets of at most this many elements (DDP's default bucket is 25 MB),
+# so the flat copy never needs a second model-sized buffer.
+BUCKET_NUMEL = 2**23
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``), 1 when not launched by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes checkpoints, metrics, results and logs; the other ranks only compute."""
+    return rank() == 0
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """``cuda`` without an index becomes this process's GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    if device.type == "cuda" and device.index is None and launched_world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun described in the environment; a no-op in a single process.
+
+    NCCL when the run's device is a GPU, gloo otherwise. Idempotent, so a sweep under torchrun runs
+    many fits in one group. Returns whether the run is distributed.
+    """
+    if launched_world_size() <= 1:
+        return False
+    if is_initialized():
+        return True
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device_for_rank(device))
+    dist.init_process_group(backend=backend)
+    atexit.register(_shutdown)
+    return True
+
+
+def relaunch(processes: int, arguments: list[str]) -> int:
+    """``robustft ARGUMENTS`` under ``torchrun --standalone --nproc_per_node PROCESSES``; its exit code.
+
+    ``robustft fit --devices N`` is this: torchrun (``torch.distributed.run``) starts the N ranks and
+    tears all of them down when one fails.
+    """
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.call([*command, "-m", "robustft", *arguments])
+
+
+def _shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where collectives need their tensors: the current GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    """Rank ``source``'s ``value`` on every rank (picklable values; for selections computed once)."""
+    if world_size() <= 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source, device=_comm_device())
+    return holder[0]
+
+
+def _buckets(tensors: Sequence[Tensor], limit: int = BUCKET_NUMEL) -> list[list[Tensor]]:
+    """Consecutive runs of same-dtype, same-device tensors of at most ``limit`` elements (one tensor may exceed it)."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for tensor in tensors:
+        last = buckets[-1] if buckets else None
+        fits = last is not None and size + tensor.numel() <= limit
+        if fits and last[0].dtype == tensor.dtype and last[0].device == tensor.device:
+            last.append(tensor)
+            size += tensor.numel()
+        else:
+            buckets.append([tensor])
+            size = tensor.numel()
+    return buckets
+
+
+def _reduce_bucket(bucket: list[Tensor], op: Any, divide: int) -> None:
+    flat = torch.cat([tensor.reshape(-1) for tensor in bucket])
+    communicated = flat.to(_comm_device())
+    dist.all_reduce(communicated, op=op)
+    if divide > 1:
+        communicated /= divide
+    pieces = communicated.to(flat.device).split([tensor.numel() for tensor in bucket])
+    torch._foreach_copy_(bucket, [piece.view_as(tensor) for piece, tensor in zip(pieces, bucket, strict=True)])
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
+    """Sum each tensor over the ranks, in place (bucketed: one collective per bucket, not per tensor)."""
+    if world_size() <= 1 or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        _reduce_bucket(bucket, dist.ReduceOp.SUM, 1)
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Average each tensor over the ranks, in place: DDP's gradient averaging, done once per optimiser step."""
+    if world_size() <= 1 or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        _reduce_bucket(bucket, dist.ReduceOp.SUM, world_size())
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, source: int = 0) -> None:
+    """Copy rank ``source``'s parameters and buffers to every rank (what DDP does when it wraps a model).
+
+    After each rank has built and prepared its own copy, this makes the starting point identical
+    even where a method's setup is not bit-reproducible across devices (a probe fitted per rank).
+    """
+    if world_size() <= 1:
+        return
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.numel()]
+    for bucket in _buckets(tensors):
+        flat = torch.cat([tensor.reshape(-1) for tensor in bucket]).to(_comm_device())
+        dist.broadcast(flat, src=source)
+        pieces = flat.to(bucket[0].device).split([tensor.numel() for tensor in bucket])
+        torch._foreach_copy_(bucket, [piece.view_as(tensor) for piece, tensor in zip(pieces, bucket, strict=True)])
+
+
+def check_batch_size(batch_size: int, size: int | None = None) -> None:
+    """``data.batch_size`` is the global batch; it must split evenly over the ranks."""
+    size = world_size() if size is None else size
+    if batch_size % size:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({size}); use e.g. data.batch_size={max(size, batch_size // size * size)}"
+        )
+
+
+def shard_range(num_items: int, shard: int | None = None, shards: int | None = None) -> range:
+    """The contiguous slice of ``range(num_items)`` that rank ``shard`` of ``shards`` owns.
+
+    Sizes differ by at most one, the first ``num_items % shards`` slices taking the extra item
+    (``torch.tensor_split``'s rule); a slice may be empty when there are fewer items than ranks.
+    """
+    shard = rank() if shard is None else shard
+    shards = world_size() if shards is None else shards
+    base, extra = divmod(num_items, shards)
+    start = shard * base + min(shard, extra)
+    return range(start, start + base + (1 if shard < extra else 0))
+
+
+def shard_batches(order: Sequence[int], batch_size: int, shard: int, shards: int) -> list[list[int]]:
+    """Rank ``shard``'s part of each global batch of ``order``.
+
+    A rank whose part of a (last, short) batch is empty gets the batch's first index as padding; the
+    engine gives that sample weight zero (``batch_weight``), so every rank still runs a forward and
+    backward and the collectives stay in step.
+    """
+    batches = []
+    for begin in range(0, len(order), batch_size):
+        batch = list(order[begin : begin + batch_size])
+        part = shard_range(len(batch), shard, shards)
+        batches.append(batch[part.start : part.stop] or batch[:1])
+    return batches
+
+
+def batch_weight(global_size: int, shard: int, shards: int) -> float:
+    """Factor on a rank's mean loss so that averaging over ranks gives the mean over the global batch.
+
+    A rank holding ``n_r`` of the batch's ``N`` samples contributes ``n_r / N`` of the global mean
+    loss; averaging divides by the number of ranks, hence ``n_r * shards / N`` (1 when the batch
+    splits evenly, 0 for a padding sample).
+    """
+    return len(shard_range(global_size, shard, shards)) * shards / global_size
+
+
+class ShardView(Dataset):
+    """Rank ``shard``'s contiguous part of a dataset, keeping whole-batch indexing when the dataset has it."""
+
+    def __init__(self, dataset: Dataset, shard: int | None = None, shards: int | None = None) -> None:
+        self.dataset = dataset
+        self.indices = shard_range(len(dataset), shard, shards)
+        self.supports_batch_indexing = getattr(dataset, "supports_batch_indexing", False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int):
+            return self.dataset[self.indices[index]]
+        return self.dataset[[self.indices[i] for i in index]]
+
+
+def gather_shards(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order, on every rank (CPU result).
+
+    Shards may differ in length (and be empty, with any trailing shape); they are padded to the
+    longest for one ``all_gather`` and trimmed after.
+    """
+    if world_size() <= 1:
+        return tensor
+    shapes: list[Any] = [None] * world_size()
+    dist.all_gather_object(shapes, tuple(tensor.shape))
+    trailing = next((shape[1:] for shape in shapes if shape[0] > 0), tuple(tensor.shape[1:]))
+    longest = max(shape[0] for shape in shapes)
+    padded = torch.zeros((longest, *trailing), dtype=tensor.dtype, device=_comm_device())
+    if tensor.shape[0]:
+        padded[: tensor.shape[0]] = tensor.to(padded.device)
+    gathered = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: shape[0]] for part, shape in zip(gathered, shapes, strict=True)]).cpu()
