@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# The suite checks exact CPU numerics (fp32, bit-equal resumes); on a GPU host it would run bf16 on the GPU
+# by default. ROBUSTFT_TEST_DEVICE=cuda keeps the GPU visible.
+if os.environ.get("ROBUSTFT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # CI has 2 cores; ROBUSTFT_TEST_THREADS=1 lets two test processes share them without thrashing.
 torch.set_num_threads(int(os.environ.get("ROBUSTFT_TEST_THREADS", "2")))

@@ -113,15 +113,17 @@ def test_k_is_a_count_or_a_fraction_and_is_guarded():
         demo_config("vrf", 0, Path("unused"), method_options={"k": 2.5})
 
 
-def test_faiss_knn_agrees_with_brute_force_torch():
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_exact_knn_agrees_with_brute_force_torch(backend):
     members, queries = unit_vectors(200, 32, 0), unit_vectors(50, 32, 1)
-    index = ExactKnn(members, CPU)
+    index = ExactKnn(members, CPU, backend=backend)
+    assert index.backend == backend
     for k in (1, 7, 200):
         found = to_distance(index.squared_distances(queries, k)[:, -1], "squared_l2")
         torch.testing.assert_close(found, kth_distance_brute_force(queries, members, k), atol=1e-5, rtol=1e-5)
     squared_all = index.squared_distances(queries, 200)
     assert (squared_all[:, 1:] >= squared_all[:, :-1]).all()  # ascending: column k-1 is the k-th neighbour
-    empty = ExactKnn(members[:0], CPU).squared_distances(queries, 0)
+    empty = ExactKnn(members[:0], CPU, backend=backend).squared_distances(queries, 0)
     assert torch.isinf(empty).all()
 
 
