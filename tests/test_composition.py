@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,8 @@ from torch import nn
 from posthoc_support import bits_equal, quiet, small_prepared
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
-from robustft.methods import base
+from robustft.evaluate import predict
+from robustft.methods import base, get_method
 from robustft.methods.base import Method
 from robustft.posthoc import WeightSpaceError, composed_name, load_run_predictor
 from robustft.runner import FINAL_CHECKPOINT, evaluate_run, fit
@@ -100,3 +102,27 @@ def test_evaluate_keeps_the_composed_results_name(small, tmp_path):
     config = demo_config("output_ensemble", 0, tmp_path, name="ose", method_options=options, progress=False)
     fit(config, log=quiet, prepared=small)
     assert list(evaluate_run(config.run_dir, log=quiet)["methods"]) == ["mixout+output_ensemble"]
+
+
+def test_vrf_over_a_lora_run_uses_the_merged_lora_model(small, tmp_path):
+    base = _train(small, tmp_path, "lora")
+    config = demo_config("vrf", 0, tmp_path, name="vrf", method_options={"finetuned_run": str(base)}, progress=False)
+    results = fit(config, log=quiet, prepared=small)
+    assert list(results["methods"]) == ["lora+vrf"]
+    merged = load_state_dict_file(base / FINAL_CHECKPOINT)
+    saved = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
+    finetuned = {key.removeprefix("finetuned."): value for key, value in saved.items() if key.startswith("finetuned.")}
+    assert finetuned.keys() == merged.keys()  # a plain model: the adapters were merged at the LoRA run's finalize
+    assert all(bits_equal(finetuned[key], merged[key]) for key in merged)
+
+
+def test_vrf_over_a_mixture_of_adapters_run_keeps_the_routed_adapters_and_reloads(small, tmp_path):
+    base = _train(small, tmp_path, "mixture_of_adapters")
+    config = demo_config("vrf", 0, tmp_path, name="vrf", method_options={"finetuned_run": str(base)}, progress=False)
+    entry = fit(config, log=quiet, prepared=small)["methods"]["mixture_of_adapters+vrf"]
+    saved = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
+    assert any(key.startswith("finetuned.") and "router" in key for key in saved)
+    method = get_method("vrf")(config.method_options())
+    predictor = method.load_predictor(copy.deepcopy(small.model), config.run_dir / FINAL_CHECKPOINT, "the model")
+    logits, labels = predict(predictor, small.ctx.splits["id_test"], small.ctx.device, 64)
+    assert 100 * (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(entry["id"])

@@ -175,7 +175,7 @@ class RunConfig(StrictModel):
         try:
             return method_cls.config_cls(**self.method.options())
         except ValidationError as error:
-            raise ConfigError(_format_errors(error, prefix=("method",))) from None
+            raise ConfigError(format_validation_errors(error, prefix=("method",))) from None
 
     @model_validator(mode="after")
     def _known_method(self) -> RunConfig:
@@ -183,7 +183,8 @@ class RunConfig(StrictModel):
         return self
 
 
-def _format_errors(error: ValidationError, prefix: tuple = ()) -> str:
+def format_validation_errors(error: ValidationError, prefix: tuple = ()) -> str:
+    """The pydantic errors in one line, each keyed by its dotted config path (``method.p: ...``)."""
     parts = []
     for item in error.errors():
         key = ".".join(str(p) for p in (*prefix, *item["loc"]))
@@ -220,7 +221,7 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {_format_errors(error)}") from None
+        raise ConfigError(f"{source}: {format_validation_errors(error)}") from None
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
 

@@ -47,8 +47,8 @@ from pydantic import Field, PositiveInt, ValidationError
 from robustft.config import (
     RunConfig,
     StrictModel,
-    _format_errors,
     apply_overrides,
+    format_validation_errors,
     parse_config,
     read_config_yaml,
     set_key,
@@ -209,7 +209,7 @@ def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan
     try:
         section = DomainBedConfig.model_validate(raw.pop("domainbed", None) or {})
     except ValidationError as error:
-        raise ConfigError(f"{source}: {_format_errors(error, prefix=('domainbed',))}") from None
+        raise ConfigError(f"{source}: {format_validation_errors(error, prefix=('domainbed',))}") from None
     data = raw.setdefault("data", {})
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: data must be a mapping")
@@ -282,7 +282,7 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> di
     write ``domainbed.json`` / ``domainbed.md`` after each, and return the summary (``summarize``)."""
     from robustft.engine import NonFiniteLossError
     from robustft.runner import RESULTS_FILE, fit, prepare_run
-    from robustft.sweep import _prepared_key
+    from robustft.sweep import prepared_data_key
 
     cache: dict[str, Any] = {}
     total = sum(len(cell.candidates) for cell in plan.cells)
@@ -298,7 +298,7 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> di
                 log(f"{where}: finished before, skipped")
                 continue
             log(f"{where}: running")
-            key = _prepared_key(candidate.config)
+            key = prepared_data_key(candidate.config)
             if key not in cache:
                 cache.clear()  # one loaded data set at a time
                 cache[key] = prepare_run(candidate.config, log)

@@ -172,7 +172,7 @@ def run_sweep(
             log(f"[{i}/{len(sweep.points)}] {point.name}: finished before, skipped")
             continue
         log(f"[{i}/{len(sweep.points)}] {point.name}: running")
-        key = _prepared_key(point.config)
+        key = prepared_data_key(point.config)
         if key not in cache:
             cache.clear()  # one loaded data set at a time
             cache[key] = prepare_run(point.config, log)
@@ -202,7 +202,7 @@ def write_manifest(sweep: Sweep, config: Path | str, axes: Sequence[GridAxis]) -
     return atomic_write(sweep.directory / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
-def _prepared_key(config: RunConfig) -> str:
+def prepared_data_key(config: RunConfig) -> str:
     """Points with equal keys get identical prepared models and data from ``prepare_run``."""
     from robustft.posthoc import randomly_initialised
 
