@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustft.class_spaces import class_space_of
 from robustft.evaluate import predict, split_metrics
 from robustft.methods.base import Method, RunContext, register_method
 from robustft.posthoc import (
@@ -102,9 +103,10 @@ class OutputEnsembleMethod(Method):
             cached[split] = (zero_shot, tuned, labels)
         curve: list[CurvePoint] = []
         for alpha in self.config.sweep_alphas():
+            # mixed over the model's classes, then mapped to the split's class space, as the saved predictor is
             metrics = {
-                split: split_metrics(ensemble_log_probs(zero_shot, tuned, alpha), labels)
-                for split, (zero_shot, tuned, labels) in cached.items()
+                split: split_metrics(class_space_of(ctx.splits[split]).apply(ensemble_log_probs(zs, ft, alpha)), labels)
+                for split, (zs, ft, labels) in cached.items()
             }
             curve.append(curve_point(alpha, metrics))
         alpha, chosen_by = choose_alpha(curve, self.config.alpha)
