@@ -24,15 +24,17 @@ def demo(
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
     methods: Annotated[str | None, typer.Option(help="comma-separated subset of methods")] = None,
     epochs: Annotated[int | None, typer.Option(help="shorter budget (default: the recipe's)")] = None,
+    seeds: Annotated[str | None, typer.Option(help="several seeds, e.g. 0,1,2 (runs in <out>/seed<k>/)")] = None,
 ) -> None:
-    """Every registered method on the built-in digits-shift benchmark: table, report and plot."""
+    """Every registered method on the built-in digits-shift benchmark: leaderboard, report and plot."""
+    from robustft.compare import parse_methods_option, parse_seeds_option, print_leaderboard
     from robustft.demo import run_demo
-    from robustft.report import print_table
 
     start = time.perf_counter()
-    chosen = [m.strip() for m in methods.split(",")] if methods else None
-    results = run_demo(out, seed=seed, methods=chosen, epochs=epochs, log=console.print)
-    print_table(results, console)
+    chosen = parse_methods_option(methods)
+    results = run_demo(out, seed=seed, methods=chosen, epochs=epochs, log=console.print,
+                       seeds=parse_seeds_option(seeds) if seeds else None)
+    print_leaderboard(results["leaderboard"], console)
     console.print(f"total time: {time.perf_counter() - start:.1f}s; report: {out / 'report.md'}")
 
 
@@ -311,6 +313,39 @@ def data_check(
         raise typer.Exit(1)
     console.print("to declare this data, add under data: in the config:")
     console.print(yaml.safe_dump({"expected": expected_section(result.splits)}, sort_keys=False), markup=False)
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Argument(help="run config (YAML): model, data, optim and train shared by all")],
+    methods: Annotated[str | None, typer.Option(help="all, or comma-separated methods (compare.methods)")] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (compare.seeds)")] = None,
+    out: Annotated[Path | None, typer.Option(help="comparison directory (default: <output_dir>/<name>)")] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Every chosen method on the config's data, each seed, into one leaderboard; finished runs are reused.
+
+    One zero-shot and one fine-tuning run per seed serve every method (WiSE-FT, OSE and VRF combine that
+    fine-tune); writes <out>/seed<k>/<method>/, leaderboard.json/.md/.csv and report.md.
+    """
+    from robustft.compare import (
+        execute_comparison,
+        load_compare_config,
+        parse_methods_option,
+        parse_seeds_option,
+        print_leaderboard,
+    )
+
+    base, settings = load_compare_config(config, overrides)
+    chosen = parse_methods_option(methods) if methods else parse_methods_option(",".join(settings.methods or []))
+    chosen_seeds = parse_seeds_option(seeds) if seeds else settings.seeds or [base.seed]
+    directory = out or base.output_dir / base.name
+    comparison = execute_comparison(base, chosen, chosen_seeds, directory, log=console.print,
+                                    progress=base.train.progress, settings=settings, source=str(config))
+    if comparison.leaderboard is None:
+        raise typer.Exit(1)
+    print_leaderboard(comparison.leaderboard, console)
+    console.print(f"leaderboard: {directory / 'leaderboard.md'}; report: {directory / 'report.md'}")
 
 
 def main() -> None:

@@ -48,6 +48,14 @@ class DomainsConfig(StrictModel):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each training domain kept for id_val")
 
 
+class ProtocolConfig(StrictModel):
+    """A named benchmark protocol over a local copy (``robustft.data.protocols``: imagenet, cifar, domainnet, ...)."""
+
+    name: str = Field(description="protocol name; `robustft.data.protocols.list_protocols()` lists them")
+    root: Path = Field(description="the local copy's top folder (layout per protocol: docs/bring_your_own.md)")
+    options: dict[str, Any] = Field(default_factory=dict, description="protocol options, checked by the protocol")
+
+
 class DataConfig(StrictModel):
     """The built-in benchmark, or image folders / CSV manifests with named splits, or a multi-domain
     dataset (``digits_domains`` or ``root/<domain>/<class>/``) split leave-one-domain-out by ``domains``."""
@@ -70,15 +78,27 @@ class DataConfig(StrictModel):
     domains: DomainsConfig | None = Field(
         None, description="leave-one-domain-out split of benchmark digits_domains or of root/<domain>/<class>/"
     )
+    protocol: ProtocolConfig | None = Field(
+        None, description="a benchmark protocol over a local copy (imagenet, cifar, domainnet, iwildcam, ...)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        if self.protocol is not None:
+            return self._protocol_source()
         if self.domains is not None or self.benchmark == "digits_domains":
             return self._domains_source()
         if self.benchmark is None and not self.splits:
             raise ValueError("set data.benchmark or data.splits")
         if self.benchmark is not None and self.splits:
             raise ValueError("data.benchmark and data.splits are exclusive; set benchmark: null to use splits")
+        return self
+
+    def _protocol_source(self) -> DataConfig:
+        sources = {"benchmark": self.benchmark, "splits": self.splits, "domains": self.domains, "root": self.root}
+        others = [key for key, value in sources.items() if value]
+        if others:
+            raise ValueError(f"data.protocol makes the splits; remove data.{others[0]} (set benchmark: null)")
         return self
 
     def _domains_source(self) -> DataConfig:
@@ -120,6 +140,12 @@ class TrainConfig(StrictModel):
     log_every: PositiveInt = 10
     stop_after: PositiveInt | None = Field(None, description="stop after this many steps (resumable)")
     progress: bool = True
+    tensorboard: bool = Field(
+        False, description="also log metrics.jsonl's scalars to <run_dir>/tensorboard (pip install robustft[tracking])"
+    )
+    mlflow: bool = Field(
+        False, description="also log them to MLflow: $MLFLOW_TRACKING_URI or <run_dir>/mlruns (robustft[tracking])"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -1,4 +1,8 @@
-"""``robustft demo``: every registered method on digits-shift, one table, one report, under 10 minutes on CPU."""
+"""``robustft demo``: every registered method on digits-shift, one table, one report, under 10 minutes on CPU.
+
+The demo is ``robustft compare`` (:mod:`robustft.compare`) with a fixed recipe: the built-in benchmark,
+the fine-tuning recipe below, and the per-method learning rates the adapters' papers call for.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from robustft.compare import INGREDIENTS_DIR, CompareSection, execute_comparison
 from robustft.config import RunConfig, parse_config
-from robustft.methods import get_method, list_methods
-from robustft.posthoc import combines_runs
-from robustft.report import write_report
-from robustft.runner import Prepared, fit, prepare_run
-from robustft.sweep import point_name
 
 # The digits-shift fine-tuning recipe every trained method shares (FT's, as the papers compare).
 DEMO_RECIPE: dict[str, Any] = {
@@ -26,7 +26,7 @@ DEMO_RECIPE: dict[str, Any] = {
 METHOD_OPTIM: dict[str, dict[str, Any]] = {"lora": {"lr": 1e-3}, "mixture_of_adapters": {"lr": 3e-3}}
 # Model Soups need several fine-tunes from one initialisation: the main run plus these learning rates.
 SOUP_LEARNING_RATES = (1e-4, 1e-3)
-INGREDIENTS_DIR = "soup_ingredients"
+__all__ = ["DEMO_RECIPE", "INGREDIENTS_DIR", "METHOD_OPTIM", "SOUP_LEARNING_RATES", "demo_config", "run_demo"]
 
 
 def demo_config(
@@ -64,79 +64,25 @@ def run_demo(
     epochs: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run the methods (default: all registered) and write ``out/report.md`` + figures; returns results.
+    """``robustft compare`` on digits-shift with the demo recipe; writes ``out/report.md``, ``out/leaderboard.*``.
 
-    Methods that train or evaluate one model run first; post-hoc methods (WiSE-FT, OSE, soups) then
-    combine the demo's own runs: the ``finetune`` run (added if not requested) and, for soups, extra
-    fine-tunes at ``SOUP_LEARNING_RATES`` into ``out/soup_ingredients/``.
+    Returns the first seed's merged results (``{"benchmark", "seed", "methods"}``, as ``runner.fit``
+    returns for one run) plus ``total_seconds`` and the ``leaderboard``. Only the methods asked for
+    run (default: all registered), plus the ``finetune`` run that post-hoc methods combine; soups also
+    get fine-tunes at ``SOUP_LEARNING_RATES`` in ``out/soup_ingredients/``. With one seed the runs sit
+    directly in ``out/``; with several (``seeds``) in ``out/seed<k>/``. Finished runs are reused.
     """
     start = time.perf_counter()
-    names = _runnable_on_builtin_model(methods or list_methods(), log)
-    single = [name for name in names if not combines_runs(get_method(name))]
-    combined = [name for name in names if combines_runs(get_method(name))]
-    if combined and "finetune" not in single:
-        log(f"{', '.join(combined)} combine(s) a fine-tuned run: running finetune too")
-        single.append("finetune")
-    prepared = prepare_run(demo_config(single[0], seed, out, epochs), log)
-    merged: dict[str, Any] = {"benchmark": prepared.benchmark, "seed": seed, "methods": {}}
-    for name in single:
-        config = demo_config(name, seed, out, epochs, progress=progress)
-        log(f"{name}: training..." if _trains(name) else f"{name}: evaluating...")
-        results = fit(config, log=log, prepared=prepared)
-        merged["methods"].update(results["methods"])
-    ingredients = []
-    if any(get_method(name).needs_ingredients for name in combined):
-        ingredients = [out / "finetune", *_soup_ingredients(out, seed, epochs, progress, prepared, log)]
-    for name in combined:
-        options = _posthoc_options(name, out, ingredients)
-        config = demo_config(name, seed, out, epochs, method_options=options, progress=progress)
-        log(f"{name}: combining runs...")
-        results = fit(config, log=log, prepared=prepared)
-        merged["methods"].update(results["methods"])
-    report = write_report(merged, out, title="robustft demo: digits-shift")
+    seeds = seeds or [seed]
+    base = demo_config("finetune", seeds[0], out, epochs, progress=progress)
+    settings = CompareSection(optim=METHOD_OPTIM, soup_learning_rates=list(SOUP_LEARNING_RATES))
+    comparison = execute_comparison(
+        base, methods, seeds, out, log=log, progress=progress, settings=settings, references=False,
+        seed_dirs=len(seeds) > 1, source="demo", title="robustft demo: digits-shift",
+    )
+    merged = dict(comparison.per_seed[seeds[0]])
     merged["total_seconds"] = time.perf_counter() - start
-    log(f"report: {report}")
+    merged["leaderboard"] = comparison.leaderboard
     return merged
-
-
-def _runnable_on_builtin_model(names: list[str], log: Callable[[str], None]) -> list[str]:
-    """The methods the built-in digits ViT can run; the others are skipped with a logged reason."""
-    runnable = []
-    for name in names:
-        if get_method(name).requires_text_tower:
-            log(f"{name}: skipped (needs a CLIP-style model with a text tower; the built-in digits_vit has none)")
-        else:
-            runnable.append(name)
-    return runnable
-
-
-def _trains(name: str) -> bool:
-    return get_method(name).trains
-
-
-def _posthoc_options(name: str, out: Path, ingredients: list[Path]) -> dict[str, Any]:
-    """A post-hoc method's inputs from the demo's runs, read off what the method says it needs."""
-    cls = get_method(name)
-    options: dict[str, Any] = {}
-    if cls.needs_finetuned_run:
-        options["finetuned_run"] = str(out / "finetune")
-    if cls.needs_ingredients:
-        options["ingredients"] = [str(run) for run in ingredients]
-    return options
-
-
-def _soup_ingredients(
-    out: Path, seed: int, epochs: int | None, progress: bool, prepared: Prepared, log: Callable[[str], None]
-) -> list[Path]:
-    """Extra fine-tunes from the same initialisation at other learning rates (soup ingredients)."""
-    runs = []
-    for lr in SOUP_LEARNING_RATES:
-        name = point_name({"optim.lr": lr})
-        config = demo_config("finetune", seed, out / INGREDIENTS_DIR, epochs, name=name, optim={"lr": lr},
-                             progress=progress)
-        log(f"soup ingredient {name}: training...")
-        entry = fit(config, log=log, prepared=prepared)["methods"]["finetune"]
-        log(f"soup ingredient {name}: ID {entry['id']:.2f}, OOD avg {entry['ood_avg']:.2f}")
-        runs.append(config.run_dir)
-    return runs

@@ -25,6 +25,7 @@ from robustft.config import OptimConfig, TrainConfig
 from robustft.data import training_loader
 from robustft.errors import CheckpointError, RobustftError
 from robustft.methods.base import Method, RunContext
+from robustft.tracking import flat_params, open_tracker
 
 
 class NonFiniteLossError(RobustftError):
@@ -141,6 +142,9 @@ class Engine:
         method.bind_optimizer(optimizer)
         stop_at = min(total, self.train.stop_after) if self.train.stop_after else total
         metrics_path = ctx.run_dir / "metrics.jsonl"
+        tracker = open_tracker(self.train, ctx.run_dir, enabled=main, resumed_from=resumed_from)
+        if resumed_from is None:
+            tracker.log_params(self._tracked_params())
         batches = state.batches(train_split, ctx)
         progress = _progress(total, state.step, enabled=self.train.progress and main)
         saved_at = resumed_from
@@ -151,6 +155,7 @@ class Engine:
                 logs = self._step(method, model, optimizer, batches, ctx.device, state.step)
             except NonFiniteLossError as error:
                 progress.close()
+                tracker.close()
                 kept = _kept(checkpoint_path, saved_at)
                 raise NonFiniteLossError(f"{error} at step {state.step + 1}; {kept}") from None
             scheduler.step()
@@ -160,13 +165,19 @@ class Engine:
             if main and (state.step % self.train.log_every == 0 or state.step == stop_at):
                 logs |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch()}
                 _append_jsonl(metrics_path, logs)
+                tracker.log_metrics(state.step, logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % self.train.checkpoint_every == 0 or state.step == stop_at:
                 if main:
                     save_training_state(state.capture(model, optimizer, scheduler, method), checkpoint_path)
                 saved_at = state.step
         progress.close()
+        tracker.close()
         return FitSummary(state.step, time.perf_counter() - start, resumed_from, state.step < total)
+
+    def _tracked_params(self) -> dict[str, Any]:
+        sections = {"train": self.train.model_dump(mode="json"), "optim": self.optim.model_dump(mode="json")}
+        return flat_params(sections) | {"data.batch_size": self.batch_size}
 
     def _step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
         """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""

@@ -9,8 +9,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustft.calibration import calibration_metrics, fit_temperature
+from robustft.class_spaces import bucket_accuracy, class_space_of
 from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
+from robustft.errors import DataError
 
 
 @torch.no_grad()
@@ -51,6 +53,53 @@ def macro_f1(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
     return float(f1[present].mean() * 100)
 
 
+def macro_f1_present(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
+    """Macro-F1 over the classes present in ``labels`` only: WILDS' iWildCam metric (sklearn's ``f1_score`` with
+    ``labels=unique(y_true)``), where a wrongly predicted absent class costs precision but adds no zero term."""
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes).double()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    f1 = 2 * confusion.diag() / (support + predicted).clamp_min(1)
+    return float(f1[support > 0].mean() * 100)
+
+
+def _macro_f1_of_logits(logits: Tensor, labels: Tensor) -> float:
+    return macro_f1(logits.argmax(1), labels, logits.shape[1])
+
+
+def _present_f1_of_logits(logits: Tensor, labels: Tensor) -> float:
+    return macro_f1_present(logits.argmax(1), labels, logits.shape[1])
+
+
+@torch.no_grad()
+def predict_in_class_space(
+    predictor: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256, num_workers: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``predict``, then the logits mapped to the split's declared class space (robustft.class_spaces):
+    ``[N, C_split]`` logits against the split's own labels. Use it wherever split logits meet labels."""
+    logits, labels = predict(predictor, dataset, device, batch_size, num_workers)
+    return class_space_of(dataset).apply(logits), labels
+
+
+def declared_metrics(dataset: Dataset, logits: Tensor, labels: Tensor) -> dict[str, Any]:
+    """What a split declares beyond the defaults: its ``buckets`` (``bucket_<name>`` accuracies, ImageNet-LT)
+    and its ``primary_metric`` (``primary`` holds its value, ``primary_metric`` its name; iWildCam)."""
+    extra: dict[str, Any] = {}
+    buckets = getattr(dataset, "buckets", None)
+    if buckets:
+        extra |= {f"bucket_{name}": value for name, value in bucket_accuracy(logits, labels, buckets).items()}
+    primary = getattr(dataset, "primary_metric", None)
+    if primary is not None:
+        scores = {"accuracy": accuracy, "macro_f1": _macro_f1_of_logits, "macro_f1_present": _present_f1_of_logits}
+        if primary not in scores:
+            raise DataError(f"split declares primary_metric '{primary}' (known: {', '.join(scores)})")
+        value = scores[primary](logits, labels)
+        extra |= {primary: value, "primary_metric": primary, "primary": value}
+    if getattr(dataset, "report_as", None) in ("base", "new"):  # CoOp base-to-new (data/protocols/coop.py)
+        extra["report_as"] = dataset.report_as
+    return extra
+
+
 def split_metrics(logits: Tensor, labels: Tensor, temperature: float | None = None) -> dict[str, float]:
     """Accuracy, macro-F1, calibration (``ece`` in percent, ``nll`` in nats) of one split.
 
@@ -87,14 +136,14 @@ def evaluate_splits(
     cached: dict[str, tuple[Tensor, Tensor]] = {}
     temperature = None
     if temperature_scaling and "id_val" in splits:
-        cached["id_val"] = predict(predictor, splits["id_val"], device, batch_size, num_workers)
+        cached["id_val"] = predict_in_class_space(predictor, splits["id_val"], device, batch_size, num_workers)
         temperature = fit_temperature(*cached["id_val"])
     metrics = {}
     for name, dataset in splits.items():
         if name == "train":
             continue
-        output = cached.pop(name, None) or predict(predictor, dataset, device, batch_size, num_workers)
-        metrics[name] = split_metrics(*output, temperature=temperature)
+        output = cached.pop(name, None) or predict_in_class_space(predictor, dataset, device, batch_size, num_workers)
+        metrics[name] = split_metrics(*output, temperature=temperature) | declared_metrics(dataset, *output)
     return metrics
 
 
@@ -115,4 +164,28 @@ def summarize(metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
             entry[key] = values
     if "temperature" in metrics.get("id_val", {}):
         entry["temperature"] = metrics["id_val"]["temperature"]
+    return entry | _declared_summary(metrics)
+
+
+def _declared_summary(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-bucket accuracies, and a ``primary`` block (id / ood / ood_avg of each split's declared metric)."""
+    entry: dict[str, Any] = {}
+    buckets = {
+        name: {key.removeprefix("bucket_"): value for key, value in m.items() if key.startswith("bucket_")}
+        for name, m in metrics.items()
+    }
+    if any(buckets.values()):
+        entry["buckets"] = {name: values for name, values in buckets.items() if values}
+    if "primary" in metrics.get("id_test", {}):
+        ood = {name: m["primary"] for name, m in metrics.items() if name.startswith("ood_") and "primary" in m}
+        entry["primary"] = {
+            "metric": metrics["id_test"]["primary_metric"],
+            "id": metrics["id_test"]["primary"],
+            "ood": ood,
+            "ood_avg": sum(ood.values()) / len(ood) if ood else float("nan"),
+        }
+    roles = {m["report_as"]: m["accuracy"] for m in metrics.values() if "report_as" in m}
+    if set(roles) == {"base", "new"}:
+        base, new = roles["base"], roles["new"]
+        entry["base_to_new"] = {"base": base, "new": new, "hm": 2 * base * new / (base + new) if base + new else 0.0}
     return entry

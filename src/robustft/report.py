@@ -53,8 +53,7 @@ def load_results(paths: list[Path]) -> dict[str, Any]:
             merged = {"benchmark": data["benchmark"], "seed": data.get("seed"), "methods": {}}
         elif data["benchmark"] != merged["benchmark"]:
             raise DataError(
-                f"cannot mix benchmarks: {merged['benchmark']!r} in {first_file} "
-                f"but {data['benchmark']!r} in {file}"
+                f"cannot mix benchmarks: {merged['benchmark']!r} in {first_file} but {data['benchmark']!r} in {file}"
             )
         _merge_methods(merged["methods"], origin, data["methods"], file)
     assert merged is not None
@@ -89,9 +88,7 @@ def _read_results_file(file: Path) -> dict[str, Any]:
     return data
 
 
-def _merge_methods(
-    merged: dict[str, Any], origin: dict[str, Path], methods: dict[str, Any], file: Path
-) -> None:
+def _merge_methods(merged: dict[str, Any], origin: dict[str, Path], methods: dict[str, Any], file: Path) -> None:
     for name, entry in methods.items():
         if name in merged and merged[name] != entry and origin[name] != file:
             kept = _unique_name(f"{name}@{origin[name].parent.name}", merged)
@@ -276,13 +273,16 @@ def _plot_tradeoff(ax: Any, methods: dict[str, Any], xs: np.ndarray, lo: float, 
     zs, ft = methods["zeroshot"], methods["finetune"]
     slope, intercept = tradeoff_line((float(zs["id"]), ood_average(zs)), (float(ft["id"]), ood_average(ft)))
     grid = np.linspace(max(lo, 0.1), min(hi, 99.9), 200)
-    ax.plot(grid, inverse_logit(slope * logit(grid) + intercept), color="C1", linewidth=1.5,
-            label="zero-shot / fine-tune trade-off (logit fit)")
+    ax.plot(
+        grid,
+        inverse_logit(slope * logit(grid) + intercept),
+        color="C1",
+        linewidth=1.5,
+        label="zero-shot / fine-tune trade-off (logit fit)",
+    )
 
 
-def plot_alpha_curve(
-    curve: list[dict[str, Any]], path: Path, title: str = "", chosen: float | None = None
-) -> Path:
+def plot_alpha_curve(curve: list[dict[str, Any]], path: Path, title: str = "", chosen: float | None = None) -> Path:
     """ID accuracy against OOD average along a mixing-coefficient sweep, points labelled by alpha.
 
     ``curve`` holds ``{"alpha", "id", "ood_avg", ...}`` points (WiSE-FT, output ensembles). The
@@ -303,15 +303,28 @@ def plot_alpha_curve(
     if len(points) >= 2:
         slope, intercept = tradeoff_line((xs[0], ys[0]), (xs[-1], ys[-1]))
         grid = np.linspace(max(x_lo, 0.1), min(x_hi, 99.9), 200)
-        ax.plot(grid, inverse_logit(slope * logit(grid) + intercept), color="C1", linewidth=1.5,
-                label=f"trade-off line through alpha {alphas[0]:g} and {alphas[-1]:g} (logit fit)")
+        ax.plot(
+            grid,
+            inverse_logit(slope * logit(grid) + intercept),
+            color="C1",
+            linewidth=1.5,
+            label=f"trade-off line through alpha {alphas[0]:g} and {alphas[-1]:g} (logit fit)",
+        )
     ax.plot(xs, ys, marker="o", color="C0", zorder=3, label="alpha sweep")
     for alpha, x, y in zip(alphas, xs, ys, strict=True):
         ax.annotate(f"{alpha:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
     if chosen is not None and chosen in alphas:
         i = alphas.index(chosen)
-        ax.scatter([xs[i]], [ys[i]], s=160, facecolors="none", edgecolors="C3", linewidths=1.5, zorder=4,
-                   label=f"chosen: alpha {chosen:g}")
+        ax.scatter(
+            [xs[i]],
+            [ys[i]],
+            s=160,
+            facecolors="none",
+            edgecolors="C3",
+            linewidths=1.5,
+            zorder=4,
+            label=f"chosen: alpha {chosen:g}",
+        )
     ax.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
     ax.set_title(title or "ID vs OOD accuracy over alpha")
     ax.grid(True, alpha=0.3)
@@ -347,8 +360,12 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str | None = Non
     figure = plot_id_vs_ood(results, out_dir / FIGURE_NAME)
     report = out_dir / "report.md"
     curves = {
-        name: plot_alpha_curve(entry["curve"], out_dir / f"{_file_stem(name)}_curve.png",
-                               title=f"{name}: ID vs OOD over alpha", chosen=entry.get("alpha")).name
+        name: plot_alpha_curve(
+            entry["curve"],
+            out_dir / f"{_file_stem(name)}_curve.png",
+            title=f"{name}: ID vs OOD over alpha",
+            chosen=entry.get("alpha"),
+        ).name
         for name, entry in results["methods"].items()
         if isinstance(entry.get("curve"), list)
     }
@@ -385,12 +402,22 @@ def _alpha_sweep_section(results: dict[str, Any], curves: dict[str, str]) -> lis
     rows, figures = [], []
     for name in swept:
         entry = methods[name]
-        rows.append([name, _alpha(entry.get("alpha")), str(entry.get("alpha_chosen_on", MISSING)),
-                     _fmt(entry.get("id")), _fmt(ood_average(entry)),
-                     _alpha(entry.get("oracle_alpha_id")), _alpha(entry.get("oracle_alpha_ood"))])
+        rows.append(
+            [
+                name,
+                _alpha(entry.get("alpha")),
+                str(entry.get("alpha_chosen_on", MISSING)),
+                _fmt(entry.get("id")),
+                _fmt(ood_average(entry)),
+                _alpha(entry.get("oracle_alpha_id")),
+                _alpha(entry.get("oracle_alpha_ood")),
+            ]
+        )
         figures.append(f"![{name}: ID vs OOD over alpha]({curves[name]})\n")
-    note = ("The oracle alphas are the best on the test splits: they show what a pick could reach and are not "
-            "results. The reported alpha is chosen on `id_val` (or fixed in the run's config).\n")
+    note = (
+        "The oracle alphas are the best on the test splits: they show what a pick could reach and are not "
+        "results. The reported alpha is chosen on `id_val` (or fixed in the run's config).\n"
+    )
     return ["## Mixing-coefficient sweeps\n", _markdown(header, rows), note, *figures]
 
 
@@ -403,8 +430,9 @@ def _soup_section(results: dict[str, Any]) -> list[str]:
     for name in soups:
         entry = methods[name]
         kept = entry.get("kept", entry["ingredients"])
-        rows.append([name, str(len(entry["ingredients"])), str(len(kept)), _fmt(entry.get("id")),
-                     _fmt(ood_average(entry))])
+        rows.append(
+            [name, str(len(entry["ingredients"])), str(len(kept)), _fmt(entry.get("id")), _fmt(ood_average(entry))]
+        )
     return ["## Model soups\n", _markdown(["method", "ingredients", "kept", "ID", "OOD avg"], rows)]
 
 
@@ -414,20 +442,39 @@ def _calibration_section(results: dict[str, Any]) -> list[str]:
     calibrated = [name for name in ordered_methods(methods) if "ece" in methods[name]]
     if not calibrated:
         return []
-    header = ["method", "ECE ID", "ECE OOD avg", "NLL ID", "NLL OOD avg", "T (id_val)", "ECE ID, TS",
-              "ECE OOD avg, TS", "NLL OOD avg, TS"]
+    header = [
+        "method",
+        "ECE ID",
+        "ECE OOD avg",
+        "NLL ID",
+        "NLL OOD avg",
+        "T (id_val)",
+        "ECE ID, TS",
+        "ECE OOD avg, TS",
+        "NLL OOD avg, TS",
+    ]
     rows = []
     for name in calibrated:
         entry = methods[name]
         temperature = entry.get("temperature")
-        rows.append([name, _fmt(_split_value(entry, "ece")), _fmt(_ood_mean(entry, "ece")),
-                     _fmt(_split_value(entry, "nll"), 3), _fmt(_ood_mean(entry, "nll"), 3),
-                     MISSING if temperature is None else f"{temperature:.3g}",
-                     _fmt(_split_value(entry, "ece_ts")), _fmt(_ood_mean(entry, "ece_ts")),
-                     _fmt(_ood_mean(entry, "nll_ts"), 3)])
-    note = ("ECE: expected calibration error over 15 equal-width confidence bins, in percentage points; NLL: mean "
-            "negative log-likelihood in nats; lower is better for both. TS: after dividing the logits by one "
-            "temperature T fitted on `id_val` only (Guo et al., 2017); it never changes accuracy.\n")
+        rows.append(
+            [
+                name,
+                _fmt(_split_value(entry, "ece")),
+                _fmt(_ood_mean(entry, "ece")),
+                _fmt(_split_value(entry, "nll"), 3),
+                _fmt(_ood_mean(entry, "nll"), 3),
+                MISSING if temperature is None else f"{temperature:.3g}",
+                _fmt(_split_value(entry, "ece_ts")),
+                _fmt(_ood_mean(entry, "ece_ts")),
+                _fmt(_ood_mean(entry, "nll_ts"), 3),
+            ]
+        )
+    note = (
+        "ECE: expected calibration error over 15 equal-width confidence bins, in percentage points; NLL: mean "
+        "negative log-likelihood in nats; lower is better for both. TS: after dividing the logits by one "
+        "temperature T fitted on `id_val` only (Guo et al., 2017); it never changes accuracy.\n"
+    )
     return ["## Calibration\n", _markdown(header, rows), note]
 
 
@@ -437,3 +484,168 @@ def _alpha(value: float | None) -> str:
 
 def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+# ------------------------------------------------------------------------------- multi-seed comparison
+
+COMPARISON_FIGURES = {
+    "id_vs_ood": ("ID vs OOD accuracy", "comparison_id_vs_ood"),
+    "per_split": ("Accuracy per split", "comparison_per_split"),
+    "alpha_curves": ("Mixing-coefficient sweeps", "comparison_alpha_curves"),
+    "training_curves": ("Training loss", "comparison_training_curves"),
+}
+
+
+def write_comparison_report(leaderboard: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Figures (PNG + SVG), ``report.md`` and one self-contained ``report.html`` for a multi-seed leaderboard.
+
+    ``leaderboard`` is what ``robustft compare`` builds: per method the mean and std over seeds of every
+    accuracy (percent), its costs and the run directory of each seed (read for training curves and alpha
+    sweeps). Returns ``{"report_md", "report_html", <figure>_png, <figure>_svg, ...}`` for what was written;
+    a figure with nothing to show (no sweep, no training log) is left out, and the report says so.
+    """
+    from robustft import figures
+    from robustft.report_html import comparison_html
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = leaderboard["methods"]
+    order = ordered_methods(methods)
+    colors = figures.method_colors(order)
+    runs = {name: methods[name].get("runs") or [] for name in order}
+    path = {key: out / f"{stem}.png" for key, (_, stem) in COMPARISON_FIGURES.items()}
+    written: dict[str, Path | None] = {
+        "id_vs_ood": figures.plot_leaderboard_id_vs_ood(leaderboard, order, path["id_vs_ood"]),
+        "per_split": figures.plot_split_bars(leaderboard, order, path["per_split"]),
+        "alpha_curves": figures.plot_alpha_curves(_sweeps(order, runs), colors, path["alpha_curves"]),
+        "training_curves": figures.plot_training_curves(
+            {name: figures.read_losses(runs[name]) for name in order if methods[name].get("kind") == "trained"},
+            colors,
+            path["training_curves"],
+        ),
+    }
+    pngs = {key: path for key, path in written.items() if path is not None}
+    tables = comparison_tables(leaderboard)
+    markdown = out / "report.md"
+    markdown.write_text(_comparison_markdown(leaderboard, tables, {k: p.name for k, p in pngs.items()}), "utf-8")
+    html = out / "report.html"
+    html.write_text(comparison_html(leaderboard, tables, pngs, _comparison_notes(leaderboard)), encoding="utf-8")
+    paths = {"report_md": markdown, "report_html": html}
+    for key, png in pngs.items():
+        paths[f"{key}_png"], paths[f"{key}_svg"] = png, png.with_suffix(".svg")
+    return paths
+
+
+def _sweeps(order: list[str], runs: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """Each leaderboard method's per-seed alpha sweeps, found in its own run directories.
+
+    Keyed by the leaderboard name, not the name inside the curve file, so that two pairs over different
+    bases (``finetune+wise_ft``, ``lp_ft+wise_ft``) stay two curves.
+    """
+    from robustft.figures import read_curves
+
+    sweeps = {}
+    for name in order:
+        found = read_curves(runs[name])
+        matching = [found[key] for key in (name, name.rsplit("+", 1)[-1]) if key in found]
+        if matching or len(found) == 1:
+            sweeps[name] = matching[0] if matching else next(iter(found.values()))
+    return sweeps
+
+
+def comparison_tables(leaderboard: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """``{"leaderboard" | "cost" | "calibration": (header, rows)}``, cells formatted as ``mean ± std``.
+
+    Shared by report.md and report.html so both show the same numbers; the first cell of a row is the
+    method name. The calibration table is absent when no method recorded ECE.
+    """
+    methods = leaderboard["methods"]
+    order = ordered_methods(methods)
+    splits = sorted({split for entry in methods.values() for split in (entry.get("ood") or {})})
+    header = ["method", "kind", "ID", "OOD avg", "eff. robustness", *splits]
+    rows = [
+        [
+            name,
+            str(methods[name].get("kind", MISSING)),
+            _pm(methods[name].get("id")),
+            _pm(methods[name].get("ood_avg")),
+            _pm(methods[name].get("effective_robustness"), signed=True),
+            *(_pm((methods[name].get("ood") or {}).get(split)) for split in splits),
+        ]
+        for name in order
+    ]
+    tables = {"leaderboard": (header, rows)}
+    cost_header = ["method", "train s", "peak memory (MB)", "trainable params", "inference (× one forward)"]
+    tables["cost"] = (
+        cost_header,
+        [
+            [
+                name,
+                _pm(methods[name].get("train_seconds"), decimals=1),
+                _fmt(methods[name].get("peak_memory_mb"), decimals=0),
+                human_count(methods[name].get("trainable_params")),
+                _fmt(methods[name].get("inference_cost")),
+            ]
+            for name in order
+        ],
+    )
+    calibrated = [name for name in order if "ece_id" in methods[name] or "ece_ood_avg" in methods[name]]
+    if calibrated:
+        tables["calibration"] = (
+            ["method", "ECE ID", "ECE OOD avg"],
+            [[name, _pm(methods[name].get("ece_id")), _pm(methods[name].get("ece_ood_avg"))] for name in calibrated],
+        )
+    return tables
+
+
+def _pm(stat: dict[str, Any] | float | None, decimals: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` of a ``{"mean", "std"}`` entry; the mean alone when the std is missing."""
+    if not isinstance(stat, dict):
+        return _fmt(stat, decimals, signed)
+    mean, std = _fmt(stat.get("mean"), decimals, signed), stat.get("std")
+    if mean == MISSING or std is None or (isinstance(std, float) and math.isnan(std)):
+        return mean
+    return f"{mean} ± {_fmt(std, decimals)}"
+
+
+def _comparison_notes(leaderboard: dict[str, Any]) -> list[str]:
+    """Plain sentences a reader needs before the numbers: seeds, and whether the trade-off line exists."""
+    reference = leaderboard.get("reference") or {}
+    methods = leaderboard["methods"]
+    missing = [role for role in ("zero_shot", "finetuned") if reference.get(role) not in methods]
+    seeds = leaderboard.get("seeds") or []
+    notes = [f"Mean ± standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); accuracies in %."]
+    if missing:
+        notes.append(
+            f"No zero-shot / fine-tune trade-off line: the reference {' and '.join(missing)} method is "
+            "missing from the leaderboard, so effective robustness is not defined."
+        )
+    else:
+        notes.append(
+            f"Effective robustness: OOD average above the line through `{reference['zero_shot']}` and "
+            f"`{reference['finetuned']}` in logit space (Taori et al., 2020), in percentage points."
+        )
+    return notes
+
+
+def _comparison_markdown(leaderboard: dict[str, Any], tables: dict[str, Any], figures: dict[str, str]) -> str:
+    benchmark = leaderboard.get("benchmark", "")
+    parts = [
+        f"# robustft comparison: {benchmark}\n",
+        f"- Benchmark: `{benchmark}`\n- Seeds: {leaderboard.get('seeds')}\n- Config: `{leaderboard.get('config')}`\n",
+        "\n\n".join(_comparison_notes(leaderboard)) + "\n",
+        "## Leaderboard\n",
+        _markdown(*tables["leaderboard"]),
+    ]
+    for key, (heading, _) in COMPARISON_FIGURES.items():
+        parts.append(f"## {heading}\n")
+        parts.append(f"![{heading}]({figures[key]})\n" if key in figures else "_Nothing to plot: no run logged it._\n")
+    parts += ["## Cost\n", _markdown(*tables["cost"])]
+    if "calibration" in tables:
+        parts += [
+            "## Calibration\n",
+            _markdown(*tables["calibration"]),
+            "ECE: expected calibration error in percentage points; lower is better.\n",
+        ]
+    parts.append(_HOW_TO_READ)
+    return "\n".join(parts)

@@ -44,6 +44,8 @@ class Prepared:
 
 
 def benchmark_name(config: RunConfig) -> str:
+    if config.data.protocol is not None:
+        return config.data.protocol.name
     return config.data.benchmark or str(config.data.root or config.data.splits.get("train", "custom"))
 
 

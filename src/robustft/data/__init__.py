@@ -74,6 +74,10 @@ def load_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[s
 
 
 def _load_configured_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[str, Dataset], list[str]]:
+    if config.protocol is not None:
+        from robustft.data.protocols import load_protocol_splits
+
+        return load_protocol_splits(config, data_config)
     if config.domains is not None:
         from robustft.data.domainbed import load_domain_splits
 
@@ -93,6 +97,10 @@ def _load_configured_splits(config: DataConfig, data_config: dict[str, Any]) -> 
 
 def resolve_class_names(config: DataConfig) -> list[str]:
     """Class names before any model exists (zero-shot heads need them)."""
+    if config.protocol is not None:
+        from robustft.data.protocols import protocol_class_names
+
+        return protocol_class_names(config)
     if config.domains is not None:
         from robustft.data.domainbed import domain_class_names
 

@@ -1,0 +1,678 @@
+"""``robustft compare``: every chosen method on one config's data, over seeds, into one leaderboard.
+
+A fair comparison of robust fine-tuning methods holds everything but the method fixed: the model, the
+data, the optimiser recipe and the training budget come from one run config; each method adds only its
+documented defaults (its ``MethodConfig``) and, where its paper tunes it separately, its own learning
+rate (``compare.optim``). Shared work is done once per seed:
+
+- the data and the zero-shot classifier are prepared once (``runner.prepare_run``) and copied per run;
+- one zero-shot run is the reference every method's effective robustness is measured against;
+- one fine-tuning run (``finetune``) is the input of every post-hoc method over a fine-tuned model
+  (WiSE-FT, output-space ensembles, VRF) and the first ingredient of the soups; the soups' extra
+  ingredients are fine-tunes at other learning rates (``compare.soup_learning_rates``).
+
+Runs go to ``<out>/seed<k>/<run name>/`` as ordinary run directories. The comparison is resumable: a
+finished run whose saved ``config.yaml`` matches what this comparison would run is read back, not
+run again; an interrupted one continues from its last checkpoint; a post-hoc run is redone when one of
+its input runs was redone. ``<out>/compare_runs.json`` records what each call fitted and reused.
+
+The leaderboard (``leaderboard.json`` / ``.md`` / ``.csv``) gives, per method, the mean and population
+standard deviation over seeds of ID accuracy, every OOD split, the OOD average, effective robustness
+(:mod:`robustft.robustness`, per seed against that seed's zero-shot and fine-tune runs) and train time,
+plus trainable parameters, peak GPU memory and inference cost. Two costs are measured here, not by
+``runner.fit``, and stored beside each run in ``compare_costs.json`` (so a resumed comparison reports
+the same numbers):
+
+- **peak memory**: ``torch.cuda.max_memory_allocated`` over the run (reset before it), in MiB. It is
+  ``null`` on the CPU: the process's peak resident memory only ever grows within one process, so it
+  cannot be attributed to one run of many.
+- **inference cost**: the median wall time of the run's predictor on one fixed batch of 64 ``id_test``
+  images divided by that of one forward of the zero-shot model on the same batch, timed alternately
+  (so both see the same machine load). An output-space ensemble of two models costs about 2, a
+  weight-space ensemble (WiSE-FT, soups) about 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import Field, ValidationError
+from torch import Tensor, nn
+
+from robustft.config import (
+    RunConfig,
+    StrictModel,
+    apply_overrides,
+    format_validation_errors,
+    parse_config,
+    read_config_yaml,
+)
+from robustft.data import sequential_loader
+from robustft.errors import ConfigError
+from robustft.files import atomic_write
+from robustft.methods import get_method, list_methods
+from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
+from robustft.robustness import add_effective_robustness, ood_average
+from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
+from robustft.sweep import point_name
+
+LEADERBOARD = "leaderboard"
+RUNS_MANIFEST = "compare_runs.json"
+COSTS_FILE = "compare_costs.json"
+INGREDIENTS_DIR = "soup_ingredients"
+ZERO_SHOT, FINETUNED = "zeroshot", "finetune"
+# One fixed batch for the inference-cost ratio; small, so timing every method adds seconds, not minutes.
+INFERENCE_BATCH = 32
+INFERENCE_REPEATS = 3
+# Keys that differ between otherwise identical runs and do not change their results.
+_IGNORED_CONFIG_KEYS = {("train", "progress")}
+
+
+class CompareSection(StrictModel):
+    """The optional ``compare:`` section of a run config (``robustft compare`` reads it; ``fit`` never sees it)."""
+
+    methods: list[str] | None = Field(None, description="methods to compare (default: all); --methods overrides")
+    seeds: list[int] | None = Field(None, description="seeds (default: the config's seed); --seeds overrides")
+    optim: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method optimiser keys over the config's optim section, e.g. {lora: {lr: 1e-3}}",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-method options over the method's defaults, e.g. {vrf: {k: 10}}"
+    )
+    soup_learning_rates: list[float] | None = Field(
+        None, description="learning rates of the soups' extra fine-tunes (default: optim.lr / 3 and optim.lr * 3)"
+    )
+
+
+@dataclass
+class PlannedRun:
+    """One run of the comparison: its config and the runs it combines (post-hoc methods)."""
+
+    method: str
+    kind: str  # zeroshot, trained, posthoc, or ingredient (a soup's extra fine-tune, not on the leaderboard)
+    config: RunConfig
+    inputs: list[Path] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+@dataclass
+class Comparison:
+    """What ``execute_comparison`` did: the leaderboard (None when a run stopped early) and every run."""
+
+    leaderboard: dict[str, Any] | None
+    per_seed: dict[int, dict[str, Any]]
+    statuses: list[dict[str, Any]]
+
+    @property
+    def fitted(self) -> list[str]:
+        return [status["run_dir"] for status in self.statuses if status["status"] == "fitted"]
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def parse_methods_option(text: str | None) -> list[str] | None:
+    """``--methods``: ``all`` (or nothing) is None, meaning every registered method; else checked names."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        get_method(name)  # a ConfigError naming the unknown method and the known ones
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds_option(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``."""
+    try:
+        seeds = [int(seed) for seed in text.split(",") if seed.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give distinct integers, e.g. 0,1,2")
+    return seeds
+
+
+def load_compare_config(path: Path | str, overrides: list[str] | None = None) -> tuple[RunConfig, CompareSection]:
+    """A run config and its ``compare:`` section (``--set compare.optim.lora.lr=1e-3`` works too)."""
+    raw = apply_overrides(read_config_yaml(path), overrides or [])
+    section = raw.pop("compare", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: compare: must be a mapping (methods, seeds, optim, options, soup_learning_rates)")
+    try:
+        settings = CompareSection.model_validate(section)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {format_validation_errors(error, prefix=('compare',))}") from None
+    return parse_config(raw, source=str(path)), settings
+
+
+def runnable_methods(names: Sequence[str], base: RunConfig, log: Callable[[str], None]) -> list[str]:
+    """The methods ``base``'s model can run; a method needing a text tower is skipped (logged) on other models."""
+    runnable = []
+    for name in names:
+        if get_method(name).requires_text_tower and base.model.source != "open_clip":
+            log(f"{name}: skipped (needs a CLIP-style model with a text tower; {base.model.name} has none)")
+        else:
+            runnable.append(name)
+    return runnable
+
+
+def method_kind(name: str) -> str:
+    """zeroshot (trains nothing, combines nothing), posthoc (combines runs) or trained."""
+    cls = get_method(name)
+    if combines_runs(cls):
+        return "posthoc"
+    return "trained" if cls.trains or name != ZERO_SHOT else "zeroshot"
+
+
+def default_soup_learning_rates(lr: float) -> list[float]:
+    """The soups' extra fine-tunes: a third and three times the recipe's rate (3 significant digits)."""
+    return [float(f"{lr / 3:.3g}"), float(f"{lr * 3:.3g}")]
+
+
+def plan_seed(
+    base: RunConfig,
+    methods: Sequence[str],
+    seed: int,
+    root: Path,
+    settings: CompareSection,
+    progress: bool = False,
+) -> list[PlannedRun]:
+    """The runs of one seed in the order they must run: single-model methods, soup ingredients, post-hoc."""
+    raw = base.model_dump(mode="json")
+    raw.pop("method")
+    own_options = {base.method.name: base.method.options()}
+
+    def config(method: str, name: str, output_dir: Path, options: dict[str, Any], optim: dict[str, Any]):
+        run = copy.deepcopy(raw)
+        run.update(name=name, seed=seed, output_dir=str(output_dir))
+        run["method"] = {"name": method, **own_options.get(method, {}), **settings.options.get(method, {}), **options}
+        run["optim"].update({**settings.optim.get(method, {}), **optim})
+        run["train"]["progress"] = progress
+        return parse_config(run, source=f"compare: {method} (seed {seed})")
+
+    single = [name for name in methods if not combines_runs(get_method(name))]
+    combined = [name for name in methods if combines_runs(get_method(name))]
+    plans = [PlannedRun(name, method_kind(name), config(name, name, root, {}, {})) for name in single]
+    finetuned = root / FINETUNED
+    ingredients: list[Path] = []
+    if any(get_method(name).needs_ingredients for name in combined):
+        lrs = settings.soup_learning_rates or default_soup_learning_rates(base.optim.lr)
+        ingredients = [finetuned]
+        for lr in lrs:
+            name = point_name({"optim.lr": lr})
+            plan = PlannedRun(FINETUNED, "ingredient", config(FINETUNED, name, root / INGREDIENTS_DIR, {}, {"lr": lr}))
+            plans.append(plan)
+            ingredients.append(plan.run_dir)
+    for name in combined:
+        cls = get_method(name)
+        options: dict[str, Any] = {}
+        inputs: list[Path] = []
+        if cls.needs_finetuned_run:
+            options["finetuned_run"] = str(finetuned)
+            inputs.append(finetuned)
+        if cls.needs_ingredients:
+            options["ingredients"] = [str(run) for run in ingredients]
+            inputs.extend(ingredients)
+        plans.append(PlannedRun(name, "posthoc", config(name, name, root, options, {}), inputs))
+    return plans
+
+
+def with_references(names: Sequence[str], log: Callable[[str], None]) -> list[str]:
+    """``names`` with the zero-shot and fine-tune runs effective robustness is measured against, first."""
+    missing = [reference for reference in (ZERO_SHOT, FINETUNED) if reference not in names]
+    if missing:
+        log(f"adding {', '.join(missing)}: the references of effective robustness")
+    return [*[name for name in (ZERO_SHOT, FINETUNED) if name in missing], *names]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_compare(
+    base: RunConfig,
+    methods: list[str] | None,
+    seeds: list[int],
+    out: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run the comparison into ``out`` and return the leaderboard (``{}`` when a run stopped early).
+
+    ``options`` are those of :func:`execute_comparison` (``settings``, ``prepared``, ``source``...).
+    """
+    return execute_comparison(base, methods, seeds, out, log=log, progress=progress, **options).leaderboard or {}
+
+
+def execute_comparison(
+    base: RunConfig,
+    methods: list[str] | None,
+    seeds: list[int],
+    out: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    *,
+    settings: CompareSection | None = None,
+    prepared: Prepared | None = None,
+    references: bool = True,
+    seed_dirs: bool = True,
+    source: str = "config",
+    title: str | None = None,
+) -> Comparison:
+    """Every planned run of every seed (fitted, or read back when finished), then the leaderboard and report.
+
+    ``prepared`` reuses loaded data and model for every seed (tests); ``references`` False runs only the
+    methods asked for (no zero-shot / fine-tune added for effective robustness); ``seed_dirs`` False puts
+    the runs of a single seed directly in ``out`` (the demo's layout).
+    """
+    settings = settings or CompareSection()
+    out = Path(out)
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if not seed_dirs and len(seeds) > 1:
+        raise ValueError("several seeds need one directory each (seed_dirs=True)")
+    names = runnable_methods(methods or list_methods(), base, log)
+    if not names:
+        raise ConfigError("--methods: none of the chosen methods can run on this model")
+    if references:
+        names = with_references(names, log)
+    elif any(combines_runs(get_method(name)) for name in names) and FINETUNED not in names:
+        log(
+            f"{', '.join(n for n in names if combines_runs(get_method(n)))} combine(s) a fine-tuned run: "
+            "running finetune too"
+        )
+        names = [*names, FINETUNED]
+    statuses: list[dict[str, Any]] = []
+    per_seed: dict[int, dict[str, Any]] = {}
+    kinds: dict[str, str] = {}
+    costs: dict[int, dict[str, dict[str, Any]]] = {}
+    runs: dict[int, dict[str, str]] = {}
+    for seed in seeds:
+        root = out / f"seed{seed}" if seed_dirs else out
+        plans = plan_seed(base, names, seed, root, settings, progress)
+        seed_run = _SeedRunner(plans[0].config, prepared, log)
+        redone: set[Path] = set()
+        merged: dict[str, Any] = {"benchmark": None, "seed": seed, "methods": {}}
+        costs[seed], runs[seed] = {}, {}
+        for plan in plans:
+            results, status = seed_run.run(plan, redone)
+            statuses.append({"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status})
+            _write_manifest(out, statuses)
+            if not results:
+                log(f"{plan.run_dir}: stopped early (train.stop_after); run the same command again to continue")
+                return Comparison(None, per_seed, statuses)
+            if status == "fitted":
+                redone.add(plan.run_dir)
+            if plan.kind == "ingredient":
+                continue
+            merged["benchmark"] = results["benchmark"]
+            name, entry = next(iter(results["methods"].items()))
+            merged["methods"][name] = entry
+            kinds[name] = plan.kind
+            costs[seed][name] = seed_run.costs(plan)
+            runs[seed][name] = str(plan.run_dir)
+        per_seed[seed] = merged
+    leaderboard = build_leaderboard(per_seed, kinds, costs, runs, source)
+    write_leaderboard(leaderboard, out)
+    _write_report(leaderboard, per_seed[seeds[0]], out, title, log)
+    return Comparison(leaderboard, per_seed, statuses)
+
+
+class _SeedRunner:
+    """Fits or reads back the runs of one seed, preparing data and model only when a run needs them."""
+
+    def __init__(self, first: RunConfig, prepared: Prepared | None, log: Callable[[str], None]) -> None:
+        self.first, self.prepared, self.log = first, prepared, log
+        self.batch: Tensor | None = None
+
+    def data(self) -> Prepared:
+        if self.prepared is None:
+            self.prepared = prepare_run(self.first, self.log)
+        return self.prepared
+
+    def run(self, plan: PlannedRun, redone: set[Path]) -> tuple[dict[str, Any], str]:
+        action, reason = run_action(plan, redone)
+        if action == "reuse":
+            self.log(f"{plan.run_dir}: finished before, reused")
+            return json.loads((plan.run_dir / RESULTS_FILE).read_text()), "reused"
+        if reason:
+            self.log(f"{plan.run_dir}: {reason}")
+        prepared = self.data()
+        cuda = prepared.ctx.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(prepared.ctx.device)
+        self.log(f"{plan.method} ({plan.kind}, seed {plan.config.seed}): running into {plan.run_dir}")
+        results = fit(plan.config, resume=action == "resume", log=self.log, prepared=prepared)
+        if results and plan.kind != "ingredient":
+            peak = torch.cuda.max_memory_allocated(prepared.ctx.device) / 2**20 if cuda else None
+            self._write_costs(plan, peak)
+        return results, "fitted"
+
+    def costs(self, plan: PlannedRun) -> dict[str, Any]:
+        """The run's measured costs; a run finished by an older version without them gets its inference timed."""
+        path = plan.run_dir / COSTS_FILE
+        if not path.is_file():
+            self._write_costs(plan, None)
+        return json.loads(path.read_text())
+
+    def _write_costs(self, plan: PlannedRun, peak_memory_mb: float | None) -> None:
+        prepared = self.data()
+        if self.batch is None:
+            self.batch = inference_batch(prepared)
+        predictor = load_run_predictor(copy.deepcopy(prepared.model), plan.run_dir, None).predictor
+        ratio = inference_cost(predictor, prepared.model, self.batch)
+        costs = {
+            "peak_memory_mb": peak_memory_mb,
+            "inference_cost": ratio,
+            "inference_batch": len(self.batch),
+            "device": str(prepared.ctx.device),
+        }
+        text = json.dumps(costs, indent=2) + "\n"
+        atomic_write(plan.run_dir / COSTS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
+    """What to do with ``plan``'s run directory, and why: ``reuse`` it (finished, same config, inputs
+    unchanged), ``resume`` it (interrupted, same config) or run it ``fresh`` (absent, changed or stale)."""
+    if not (plan.run_dir / "config.yaml").is_file():
+        return "fresh", ""
+    saved = yaml.safe_load((plan.run_dir / "config.yaml").read_text()) or {}
+    planned = plan.config.model_dump(mode="json")
+    planned["method"] = {"name": plan.config.method.name, **plan.config.method_options().model_dump(mode="json")}
+    difference = _first_difference(json.loads(json.dumps(planned)), saved)
+    if difference:
+        return "fresh", f"its config.yaml differs ({difference}); running it again"
+    if not is_finished_run(plan.run_dir):
+        return "resume", "interrupted before; resuming it"
+    stale = [path.name for path in plan.inputs if path in redone]
+    if stale:
+        return "fresh", f"its input run(s) {', '.join(stale)} were redone; running it again"
+    return "reuse", ""
+
+
+def _first_difference(planned: Any, saved: Any, path: tuple[str, ...] = ()) -> str | None:
+    """The first key whose saved value differs from the planned one (keys only one side has are skipped:
+    options added to robustft since the run was made)."""
+    if path in _IGNORED_CONFIG_KEYS:
+        return None
+    if isinstance(planned, dict) and isinstance(saved, dict):
+        for key in planned.keys() & saved.keys():
+            found = _first_difference(planned[key], saved[key], (*path, key))
+            if found:
+                return found
+        return None
+    if planned != saved:
+        return f"{'.'.join(path)}: {saved!r} there, {planned!r} now"
+    return None
+
+
+def inference_batch(prepared: Prepared) -> Tensor:
+    """The first ``INFERENCE_BATCH`` images of ``id_test`` (else the first evaluation split), on the device."""
+    splits = prepared.ctx.splits
+    name = "id_test" if "id_test" in splits else next(name for name in splits if name != "train")
+    images, _ = next(iter(sequential_loader(splits[name], INFERENCE_BATCH)))
+    return images.to(prepared.ctx.device)
+
+
+@torch.no_grad()
+def inference_cost(
+    predictor: nn.Module, reference: nn.Module, batch: Tensor, repeats: int = INFERENCE_REPEATS
+) -> float:
+    """Median forward time of ``predictor`` over that of ``reference`` on ``batch`` (1.0: the same cost).
+
+    The two are timed alternately after one warm-up each, so a busy machine slows both alike; on a
+    GPU each forward is bracketed by synchronisations (deliberate: a wall-clock time needs them).
+    """
+    predictor.eval()
+    reference.eval()
+    predictor(batch)
+    reference(batch)
+    times: dict[str, list[float]] = {"predictor": [], "reference": []}
+    for _ in range(repeats):
+        for key, model in (("reference", reference), ("predictor", predictor)):
+            times[key].append(_timed_forward(model, batch))
+    return statistics.median(times["predictor"]) / statistics.median(times["reference"])
+
+
+def _timed_forward(model: nn.Module, batch: Tensor) -> float:
+    cuda = batch.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(batch.device)
+    start = time.perf_counter()
+    model(batch)
+    if cuda:
+        torch.cuda.synchronize(batch.device)
+    return time.perf_counter() - start
+
+
+def _write_manifest(out: Path, statuses: list[dict[str, Any]]) -> None:
+    text = json.dumps({"runs": statuses}, indent=2) + "\n"
+    atomic_write(out / RUNS_MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------- leaderboard
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, float] | None:
+    """Mean and population standard deviation (0 for one value); None when any value is missing."""
+    if not values or any(value is None for value in values):
+        return None
+    numbers = [float(value) for value in values]  # type: ignore[arg-type]
+    return {"mean": statistics.fmean(numbers), "std": statistics.pstdev(numbers)}
+
+
+def _ece_ood_avg(entry: Mapping[str, Any]) -> float | None:
+    values = [value for split, value in (entry.get("ece") or {}).items() if split.startswith("ood_")]
+    return statistics.fmean(values) if values else None
+
+
+def build_leaderboard(
+    per_seed: Mapping[int, dict[str, Any]],
+    kinds: Mapping[str, str],
+    costs: Mapping[int, Mapping[str, Mapping[str, Any]]],
+    runs: Mapping[int, Mapping[str, str]],
+    source: str,
+) -> dict[str, Any]:
+    """The leaderboard from each seed's merged results (``{"methods": {name: results entry}}``).
+
+    Effective robustness is computed per seed against that seed's zero-shot and fine-tune runs, then
+    averaged, so its spread over seeds includes the spread of the references.
+    """
+    seeds = list(per_seed)
+    scored = {seed: add_effective_robustness(results)["methods"] for seed, results in per_seed.items()}
+    benchmark = next(iter(per_seed.values()))["benchmark"]
+    methods: dict[str, Any] = {}
+    for name in scored[seeds[0]]:
+        entries = [scored[seed][name] for seed in seeds]
+        splits = sorted({split for entry in entries for split in entry.get("ood", {})})
+        row: dict[str, Any] = {
+            "kind": kinds[name],
+            "id": mean_std([entry["id"] for entry in entries]),
+            "ood_avg": mean_std([ood_average(entry) for entry in entries]),
+            "effective_robustness": mean_std([entry.get("effective_robustness") for entry in entries]),
+            "ood": {split: mean_std([entry.get("ood", {}).get(split) for entry in entries]) for split in splits},
+        }
+        if all("ece" in entry for entry in entries):
+            row["ece_id"] = mean_std([entry["ece"].get("id_test") for entry in entries])
+            row["ece_ood_avg"] = mean_std([_ece_ood_avg(entry) for entry in entries])
+        peaks = [costs[seed][name].get("peak_memory_mb") for seed in seeds]
+        ratios = [costs[seed][name].get("inference_cost") for seed in seeds]
+        row |= {
+            "train_seconds": mean_std([entry.get("train_seconds") for entry in entries]),
+            "peak_memory_mb": max(peaks) if all(peak is not None for peak in peaks) else None,
+            "trainable_params": int(entries[0].get("trainable_params", 0)),
+            "inference_cost": statistics.fmean(ratios) if all(r is not None for r in ratios) else None,
+            "runs": [runs[seed][name] for seed in seeds],
+        }
+        methods[name] = row
+    return {
+        "benchmark": benchmark,
+        "seeds": seeds,
+        "config": source,
+        "reference": {"zero_shot": ZERO_SHOT, "finetuned": FINETUNED},
+        "methods": methods,
+    }
+
+
+def leaderboard_table(leaderboard: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of formatted cells: ``mean ± std`` with several seeds, the value with one."""
+    several = len(leaderboard["seeds"]) > 1
+    methods = leaderboard["methods"]
+    splits = sorted({split for row in methods.values() for split in row["ood"]})
+    calibrated = any("ece_id" in row for row in methods.values())
+
+    def cell(stat: Mapping[str, float] | None, decimals: int = 2, signed: bool = False) -> str:
+        if stat is None:
+            return "-"
+        sign = "+" if signed else ""
+        text = f"{round(stat['mean'], decimals) + 0.0:{sign}.{decimals}f}"  # + 0.0: no -0.00
+        return f"{text} ± {stat['std']:.{decimals}f}" if several else text
+
+    header = [
+        "method",
+        "kind",
+        "ID",
+        *splits,
+        "OOD avg",
+        "eff. robustness",
+        "train s",
+        "peak MiB",
+        "trainable params",
+        "inference x",
+    ]
+    if calibrated:
+        header += ["ECE ID", "ECE OOD avg"]
+    rows = []
+    for name, row in methods.items():
+        cells = [
+            name,
+            row["kind"],
+            cell(row["id"]),
+            *(cell(row["ood"].get(split)) for split in splits),
+            cell(row["ood_avg"]),
+            cell(row["effective_robustness"], signed=True),
+            cell(row["train_seconds"], 1),
+            "-" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}",
+            f"{row['trainable_params']:,}",
+            "-" if row["inference_cost"] is None else f"{row['inference_cost']:.2f}",
+        ]
+        if calibrated:
+            cells += [cell(row.get("ece_id")), cell(row.get("ece_ood_avg"))]
+        rows.append(cells)
+    return header, rows
+
+
+def leaderboard_markdown(leaderboard: Mapping[str, Any]) -> str:
+    header, rows = leaderboard_table(leaderboard)
+    seeds = ", ".join(str(seed) for seed in leaderboard["seeds"])
+    lines = [
+        f"# Leaderboard: {leaderboard['benchmark']} (seeds {seeds}; config {leaderboard['config']})\n",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---", *["---:"] * (len(header) - 2)]) + " |",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        "",
+        "Accuracies in %, mean ± population std over seeds. Effective robustness: OOD average above the "
+        "zero-shot / fine-tune line in logit space, per seed. train s: the run's own time (a post-hoc row "
+        "excludes the fine-tunes it combines). peak MiB: CUDA peak allocated (- on CPU). inference x: "
+        "forward time over the zero-shot model's on one batch.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def leaderboard_csv(leaderboard: Mapping[str, Any]) -> str:
+    """One row per method; each statistic as ``<metric>_mean`` and ``<metric>_std`` columns."""
+    methods = leaderboard["methods"]
+    splits = sorted({split for row in methods.values() for split in row["ood"]})
+    stats = ["id", *splits, "ood_avg", "effective_robustness", "train_seconds", "ece_id", "ece_ood_avg"]
+    header = [
+        "method",
+        "kind",
+        *(f"{stat}_{part}" for stat in stats for part in ("mean", "std")),
+        "peak_memory_mb",
+        "trainable_params",
+        "inference_cost",
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for name, row in methods.items():
+        values = []
+        for stat in stats:
+            found = row["ood"].get(stat) if stat in splits else row.get(stat)
+            values += [found["mean"], found["std"]] if found else ["", ""]
+        writer.writerow(
+            [
+                name,
+                row["kind"],
+                *values,
+                _blank(row["peak_memory_mb"]),
+                row["trainable_params"],
+                _blank(row["inference_cost"]),
+            ]
+        )
+    return buffer.getvalue()
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def write_leaderboard(leaderboard: Mapping[str, Any], out: Path) -> Path:
+    """``leaderboard.json``, ``.md`` and ``.csv`` in ``out``; returns the JSON path."""
+    text = json.dumps(leaderboard, indent=2) + "\n"
+    atomic_write(out / f"{LEADERBOARD}.md", lambda tmp: tmp.write_text(leaderboard_markdown(leaderboard)))
+    atomic_write(out / f"{LEADERBOARD}.csv", lambda tmp: tmp.write_text(leaderboard_csv(leaderboard)))
+    return atomic_write(out / f"{LEADERBOARD}.json", lambda tmp: tmp.write_text(text))
+
+
+def _write_report(
+    leaderboard: dict[str, Any], first_seed: dict[str, Any], out: Path, title: str | None, log: Callable[[str], None]
+) -> None:
+    """``report.md``: the comparison report (``report.write_comparison_report``), else the first seed's.
+
+    ``results.json`` and ``id_vs_ood.png`` (the first seed's runs merged, with effective robustness, as
+    ``robustft report`` writes them) are written either way, so one seed's raw entries stay inspectable.
+    """
+    from robustft import report
+
+    results = add_effective_robustness(first_seed)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        from robustft.report import write_comparison_report
+    except ImportError:  # a report module without the comparison report
+        log(f"report: {report.write_report(first_seed, out, title)}")
+        return
+    report.plot_id_vs_ood(results, out / report.FIGURE_NAME)
+    written = write_comparison_report(leaderboard, out)
+    log(f"report: {written['report_md'] if isinstance(written, dict) else written}")
+
+
+def print_leaderboard(leaderboard: Mapping[str, Any], console: Any = None) -> None:
+    """The leaderboard as a terminal table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = leaderboard_table(leaderboard)
+    seeds = ", ".join(str(seed) for seed in leaderboard["seeds"])
+    table = Table(title=f"{leaderboard['benchmark']} (seeds {seeds})")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for cells in rows:
+        table.add_row(*cells)
+    (console or Console()).print(table)

@@ -1,0 +1,196 @@
+"""``robustft compare``: leaderboard numbers are the runs' numbers, shared fine-tune runs once, resume skips work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+from collections import Counter
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import robustft.compare as compare
+from posthoc_support import quiet, small_prepared
+from robustft.cli import app
+from robustft.compare import (
+    CompareSection,
+    execute_comparison,
+    leaderboard_csv,
+    load_compare_config,
+    parse_seeds_option,
+    plan_seed,
+)
+from robustft.data.tensor_split import TensorSplit
+from robustft.demo import demo_config
+from robustft.errors import ConfigError
+from robustft.robustness import effective_robustness, ood_average, tradeoff_line
+from robustft.runner import Prepared
+
+METHODS = ["zeroshot", "finetune", "wise_ft", "output_ensemble", "vrf"]
+SEEDS = [0, 1]
+POSTHOC = ("wise_ft", "output_ensemble", "vrf")
+# Numbers that are measured again when a run is redone (timings), not results of the method.
+TIMED = ("train_seconds", "inference_cost")
+
+
+def base_config(out):
+    return demo_config("finetune", 0, out, steps=2, progress=False)
+
+
+# Three alphas instead of eleven: the sweep itself is tested in test_wise_ft.py / test_output_ensemble.py.
+SETTINGS = CompareSection(options={m: {"alphas": [0.0, 0.5, 1.0]} for m in ("wise_ft", "output_ensemble")})
+
+
+@pytest.fixture(scope="module")
+def small(digits_prepared):
+    """digits-shift with 32 images per evaluation split and 128 training images (two steps of 64)."""
+    prepared = small_prepared(digits_prepared, size=32)
+    train = prepared.ctx.splits["train"]
+    splits = {**prepared.ctx.splits, "train": TensorSplit(train.images[:128], train.labels[:128],
+                                                          prepared.model.data_config, "train")}
+    return Prepared(prepared.model, dataclasses.replace(prepared.ctx, splits=splits), prepared.benchmark)
+
+
+def run(out, small, methods=METHODS, seeds=SEEDS):
+    """One comparison call with ``compare.fit`` counted: ({(method, seed, run name): fits}, comparison)."""
+    fits: Counter = Counter()
+    real_fit = compare.fit
+
+    def counted(config, **kwargs):
+        fits[(config.method.name, config.seed, config.name)] += 1
+        return real_fit(config, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "fit", counted)
+        comparison = execute_comparison(base_config(out), methods, seeds, out, log=quiet, prepared=small,
+                                        settings=SETTINGS)
+    return fits, comparison
+
+
+@pytest.fixture(scope="module")
+def first(small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    fits, comparison = run(out, small)
+    return out, fits, comparison
+
+
+def without_timings(leaderboard):
+    rows = {name: {key: value for key, value in row.items() if key not in TIMED} for name, row in
+            leaderboard["methods"].items()}
+    return {**leaderboard, "methods": rows}
+
+
+def test_one_finetune_per_seed_serves_every_posthoc_method(first):
+    out, fits, comparison = first
+    assert sum(fits.values()) == len(METHODS) * len(SEEDS)  # every run fitted once, nothing twice
+    for seed in SEEDS:
+        assert fits[("finetune", seed, "finetune")] == 1
+        for method in POSTHOC:
+            assert fits[(method, seed, method)] == 1
+            config = yaml.safe_load((out / f"seed{seed}" / method / "config.yaml").read_text())
+            assert config["method"]["finetuned_run"] == str(out / f"seed{seed}" / "finetune")
+    assert sorted(comparison.fitted) == sorted(str(out / f"seed{s}" / m) for s in SEEDS for m in METHODS)
+    manifest = json.loads((out / compare.RUNS_MANIFEST).read_text())["runs"]
+    assert [entry["status"] for entry in manifest] == ["fitted"] * len(METHODS) * len(SEEDS)
+
+
+def test_leaderboard_numbers_are_the_mean_and_std_of_the_run_files(first):
+    out, _, _ = first
+    leaderboard = json.loads((out / "leaderboard.json").read_text())
+    assert leaderboard["seeds"] == SEEDS and leaderboard["benchmark"] == "digits_shift"
+    assert list(leaderboard["methods"]) == METHODS
+    files = {
+        seed: {m: json.loads((out / f"seed{seed}" / m / "results.json").read_text())["methods"][m] for m in METHODS}
+        for seed in SEEDS
+    }
+    lines = {seed: tradeoff_line(*[(files[seed][m]["id"], ood_average(files[seed][m])) for m in ("zeroshot",
+                                                                                                   "finetune")])
+             for seed in SEEDS}
+
+    def expect(values):
+        return {"mean": pytest.approx(statistics.fmean(values), abs=1e-12),
+                "std": pytest.approx(statistics.pstdev(values), abs=1e-12)}
+
+    for method, row in leaderboard["methods"].items():
+        entries = [files[seed][method] for seed in SEEDS]
+        assert row["kind"] == {"zeroshot": "zeroshot", "finetune": "trained"}.get(method, "posthoc")
+        assert row["id"] == expect([e["id"] for e in entries])
+        assert row["ood_avg"] == expect([e["ood_avg"] for e in entries])
+        assert row["train_seconds"] == expect([e["train_seconds"] for e in entries])
+        assert row["effective_robustness"] == expect(
+            [effective_robustness(e["id"], e["ood_avg"], lines[seed]) for seed, e in zip(SEEDS, entries, strict=True)]
+        )
+        assert set(row["ood"]) == set(entries[0]["ood"]) and len(row["ood"]) == 4
+        for split, stat in row["ood"].items():
+            assert stat == expect([e["ood"][split] for e in entries])
+        assert row["ece_id"] == expect([e["ece"]["id_test"] for e in entries])
+        assert row["trainable_params"] == entries[0]["trainable_params"]
+        assert row["runs"] == [str(out / f"seed{seed}" / method) for seed in SEEDS]
+        costs = [json.loads((out / f"seed{s}" / method / compare.COSTS_FILE).read_text()) for s in SEEDS]
+        assert row["inference_cost"] == pytest.approx(statistics.fmean(c["inference_cost"] for c in costs))
+        assert row["peak_memory_mb"] is None  # CPU: no per-run peak (documented in compare.py)
+    assert leaderboard["methods"]["finetune"]["ece_id"]["std"] > 0  # the seeds trained differently
+    csv_rows = leaderboard_csv(leaderboard).splitlines()
+    assert len(csv_rows) == 1 + len(METHODS) and csv_rows[0].startswith("method,kind,id_mean,id_std")
+    assert "± " in (out / "leaderboard.md").read_text()  # several seeds: mean ± std cells
+    assert (out / "report.md").is_file() and (out / "results.json").is_file()
+
+
+def test_resume_reuses_finished_runs_and_redoes_only_what_changed(first, small):
+    out, _, _ = first
+    before = json.loads((out / "leaderboard.json").read_text())
+    fits, again = run(out, small)
+    assert sum(fits.values()) == 0
+    assert again.leaderboard == before  # read back, costs included: not one number measured again
+    shutil.rmtree(out / "seed1" / "wise_ft")
+    fits, redone = run(out, small)
+    assert dict(fits) == {("wise_ft", 1, "wise_ft"): 1}
+    assert without_timings(redone.leaderboard) == without_timings(before)  # same FT run: same WiSE-FT
+    shutil.rmtree(out / "seed0" / "finetune")  # its post-hoc runs combine a new fine-tune: they are redone
+    fits, _ = run(out, small)
+    assert dict(fits) == {(method, 0, method): 1 for method in ("finetune", *POSTHOC)}
+
+
+def test_a_changed_config_reruns_instead_of_reusing(first):
+    out, _, _ = first
+    changed = demo_config("finetune", 0, out, steps=3, progress=False)
+    plans = plan_seed(changed, ["zeroshot", "finetune"], 0, out / "seed0", SETTINGS)
+    action, reason = compare.run_action(plans[1], set())
+    assert action == "fresh" and "train.steps: 2 there, 3 now" in reason
+    same = plan_seed(base_config(out), ["finetune"], 0, out / "seed0", SETTINGS, progress=True)
+    assert compare.run_action(same[0], set())[0] == "reuse"  # progress bars do not change a result
+
+
+def test_soups_get_ingredients_and_per_method_learning_rates(tmp_path):
+    settings = CompareSection(optim={"lora": {"lr": 1e-3}}, soup_learning_rates=[1e-4])
+    plans = plan_seed(base_config(tmp_path), ["lora", "finetune", "uniform_soup"], 3, tmp_path, settings)
+    by_name = {plan.run_dir.name: plan for plan in plans}
+    assert [plan.kind for plan in plans] == ["trained", "trained", "ingredient", "posthoc"]
+    assert by_name["lora"].config.optim.lr == 1e-3 and by_name["finetune"].config.optim.lr == 3e-4
+    ingredient = by_name["lr=0.0001"]
+    assert ingredient.config.optim.lr == 1e-4 and ingredient.run_dir.parent.name == compare.INGREDIENTS_DIR
+    soup = by_name["uniform_soup"].config.method_options()
+    assert [str(run) for run in soup.ingredients] == [str(tmp_path / "finetune"), str(ingredient.run_dir)]
+    assert all(plan.config.seed == 3 for plan in plans)
+    assert compare.default_soup_learning_rates(3e-4) == [1e-4, 9e-4]
+
+
+def test_compare_section_and_options_errors(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"method": {"name": "lora", "rank": 4},
+                                      "compare": {"seeds": [0, 2], "optim": {"lora": {"lr": 0.001}}}}))
+    base, settings = load_compare_config(config, ["compare.methods=[finetune,lora]"])
+    assert settings.seeds == [0, 2] and settings.methods == ["finetune", "lora"]
+    lora = next(p for p in plan_seed(base, ["lora"], 0, tmp_path, settings) if p.method == "lora")
+    assert lora.config.method_options().rank == 4 and lora.config.optim.lr == 0.001
+    config.write_text(yaml.safe_dump({"compare": {"sedes": [0]}}))
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'compare\.sedes'"):
+        load_compare_config(config)
+    with pytest.raises(ConfigError, match=r"--seeds '0,x'"):
+        parse_seeds_option("0,x")
+    config.write_text(yaml.safe_dump({"compare": {"seeds": [0]}}))
+    result = CliRunner().invoke(app, ["compare", str(config), "--methods", "finetune,nope"])
+    assert result.exit_code != 0 and "nope" in str(result.exception)
