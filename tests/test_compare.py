@@ -194,3 +194,19 @@ def test_compare_section_and_options_errors(tmp_path):
     config.write_text(yaml.safe_dump({"compare": {"seeds": [0]}}))
     result = CliRunner().invoke(app, ["compare", str(config), "--methods", "finetune,nope"])
     assert result.exit_code != 0 and "nope" in str(result.exception)
+
+
+def test_pairs_run_a_posthoc_method_over_another_methods_run(tmp_path, small):
+    from robustft.compare import parse_methods_option
+
+    assert parse_methods_option("mixout+wise_ft,vrf") == ["mixout+wise_ft", "vrf"]
+    for bad in ("mixout+uniform_soup", "finetune+vrf", "wise_ft+vrf", "mixout+nothing"):
+        with pytest.raises(ConfigError):
+            parse_methods_option(bad)
+    plans = plan_seed(base_config(tmp_path), ["mixout", "mixout+wise_ft"], 0, tmp_path, SETTINGS)
+    pair = next(plan for plan in plans if plan.run_dir.name == "mixout+wise_ft")
+    assert pair.method == "wise_ft" and pair.inputs == [tmp_path / "mixout"]
+    assert str(pair.config.method.options()["finetuned_run"]) == str(tmp_path / "mixout")
+    fits, comparison = run(tmp_path / "pairs", small, methods=["mixout+wise_ft"], seeds=[0])
+    assert {"zeroshot", "finetune", "mixout", "mixout+wise_ft"} <= set(comparison.leaderboard["methods"])
+    assert comparison.leaderboard["methods"]["mixout+wise_ft"]["kind"] == "posthoc"

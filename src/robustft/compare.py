@@ -126,13 +126,41 @@ class Comparison:
 # ------------------------------------------------------------------------------------------- planning
 
 
+def split_pair(name: str) -> tuple[str | None, str]:
+    """``gmixout+vrf`` -> (``gmixout``, ``vrf``): a post-hoc method over another run; ``vrf`` -> (None, ``vrf``).
+
+    Raises:
+        ConfigError: an unknown part, a base that is not a trained method, or a second part that does not
+            take one fine-tuned run (soups take several; ``finetune+vrf`` is plain ``vrf``).
+    """
+    if "+" not in name:
+        get_method(name)  # a ConfigError naming the unknown method and the known ones
+        return None, name
+    base, _, posthoc = name.partition("+")
+    base_cls, posthoc_cls = get_method(base), get_method(posthoc)
+    if not posthoc_cls.needs_finetuned_run:
+        raise ConfigError(
+            f"--methods {name}: '{posthoc}' does not combine one fine-tuned run (wise_ft, output_ensemble, vrf do)"
+        )
+    if combines_runs(base_cls) or not base_cls.trains or base == FINETUNED:
+        raise ConfigError(f"--methods {name}: the base must be a trained method other than finetune "
+                          f"(over finetune, write plain '{posthoc}')")
+    return base, posthoc
+
+
+def method_class(name: str) -> type:
+    """The registered class of a method or of a pair's post-hoc part."""
+    return get_method(split_pair(name)[1])
+
+
 def parse_methods_option(text: str | None) -> list[str] | None:
-    """``--methods``: ``all`` (or nothing) is None, meaning every registered method; else checked names."""
+    """``--methods``: ``all`` (or nothing) is None, meaning every registered method; else checked names,
+    which may be pairs ``base+posthoc`` (``gmixout+vrf``)."""
     if text is None or text.strip() in ("", "all"):
         return None
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
-        get_method(name)  # a ConfigError naming the unknown method and the known ones
+        split_pair(name)
     return list(dict.fromkeys(names))
 
 
@@ -164,7 +192,8 @@ def runnable_methods(names: Sequence[str], base: RunConfig, log: Callable[[str],
     """The methods ``base``'s model can run; a method needing a text tower is skipped (logged) on other models."""
     runnable = []
     for name in names:
-        if get_method(name).requires_text_tower and base.model.source != "open_clip":
+        parts = [part for part in split_pair(name) if part is not None]
+        if any(get_method(part).requires_text_tower for part in parts) and base.model.source != "open_clip":
             log(f"{name}: skipped (needs a CLIP-style model with a text tower; {base.model.name} has none)")
         else:
             runnable.append(name)
@@ -173,7 +202,7 @@ def runnable_methods(names: Sequence[str], base: RunConfig, log: Callable[[str],
 
 def method_kind(name: str) -> str:
     """zeroshot (trains nothing, combines nothing), posthoc (combines runs) or trained."""
-    cls = get_method(name)
+    cls = method_class(name)
     if combines_runs(cls):
         return "posthoc"
     return "trained" if cls.trains or name != ZERO_SHOT else "zeroshot"
@@ -205,12 +234,12 @@ def plan_seed(
         run["train"]["progress"] = progress
         return parse_config(run, source=f"compare: {method} (seed {seed})")
 
-    single = [name for name in methods if not combines_runs(get_method(name))]
-    combined = [name for name in methods if combines_runs(get_method(name))]
+    single = [name for name in methods if not combines_runs(method_class(name))]
+    combined = [name for name in methods if combines_runs(method_class(name))]
     plans = [PlannedRun(name, method_kind(name), config(name, name, root, {}, {})) for name in single]
     finetuned = root / FINETUNED
     ingredients: list[Path] = []
-    if any(get_method(name).needs_ingredients for name in combined):
+    if any(method_class(name).needs_ingredients for name in combined):
         lrs = settings.soup_learning_rates or default_soup_learning_rates(base.optim.lr)
         ingredients = [finetuned]
         for lr in lrs:
@@ -219,16 +248,18 @@ def plan_seed(
             plans.append(plan)
             ingredients.append(plan.run_dir)
     for name in combined:
-        cls = get_method(name)
+        over, method = split_pair(name)
+        cls = get_method(method)
         options: dict[str, Any] = {}
         inputs: list[Path] = []
         if cls.needs_finetuned_run:
-            options["finetuned_run"] = str(finetuned)
-            inputs.append(finetuned)
+            base_run = root / over if over else finetuned
+            options["finetuned_run"] = str(base_run)
+            inputs.append(base_run)
         if cls.needs_ingredients:
             options["ingredients"] = [str(run) for run in ingredients]
             inputs.extend(ingredients)
-        plans.append(PlannedRun(name, "posthoc", config(name, name, root, options, {}), inputs))
+        plans.append(PlannedRun(method, "posthoc", config(method, name, root, options, {}), inputs))
     return plans
 
 
@@ -289,11 +320,15 @@ def execute_comparison(
     names = runnable_methods(methods or list_methods(), base, log)
     if not names:
         raise ConfigError("--methods: none of the chosen methods can run on this model")
+    bases = [base for base, _ in map(split_pair, names) if base is not None and base not in names]
+    if bases:
+        log(f"adding {', '.join(dict.fromkeys(bases))}: the base run(s) of the requested pairs")
+        names = [*dict.fromkeys(bases), *names]
     if references:
         names = with_references(names, log)
-    elif any(combines_runs(get_method(name)) for name in names) and FINETUNED not in names:
+    elif any(combines_runs(method_class(n)) and "+" not in n for n in names) and FINETUNED not in names:
         log(
-            f"{', '.join(n for n in names if combines_runs(get_method(n)))} combine(s) a fine-tuned run: "
+            f"{', '.join(n for n in names if combines_runs(method_class(n)))} combine(s) a fine-tuned run: "
             "running finetune too"
         )
         names = [*names, FINETUNED]

@@ -45,7 +45,6 @@ from typing import Any
 from pydantic import Field, PositiveInt, ValidationError
 
 from robustft.config import (
-    RunConfig,
     StrictModel,
     apply_overrides,
     format_validation_errors,
@@ -56,7 +55,7 @@ from robustft.config import (
 from robustft.data.domainbed import list_domains, ood_split_name
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
-from robustft.sweep import expand_grid, parse_value, point_name, split_values
+from robustft.sweep import SweepPoint, expand_grid, parse_value, point_name, split_values
 
 MANIFEST = "domainbed.json"
 TABLE = "domainbed.md"
@@ -92,19 +91,8 @@ class MethodEntry:
 
 
 @dataclass
-class Candidate:
+class Candidate(SweepPoint):
     """One run: a grid point of one (method, held-out domain, trial)."""
-
-    name: str
-    overrides: dict[str, Any]
-    config: RunConfig
-    status: str = "pending"  # trained, skipped (finished before), stopped (train.stop_after), failed
-    results: dict[str, Any] | None = None
-    error: str | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir
 
     def entry(self) -> dict[str, Any] | None:
         """The run's results.json entry (one method per run), if it finished."""
