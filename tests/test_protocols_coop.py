@@ -114,3 +114,77 @@ def test_few_shot_imagenet_with_its_shifts(tmp_path):
     assert class_space_of(splits["ood_imagenet_r"]).indices == (0, 2)
     with pytest.raises(DataError, match="ImageNet shifts need dataset imagenet"):
         load_splits(config(root, dataset="imagenet", base_to_new=True, shifts=["imagenet_r"]), DATA_CONFIG)
+
+
+def test_base_to_new_trains_over_the_base_classes_only(replica):
+    from robustft.class_spaces import training_class_space
+
+    splits, _ = load_splits(config(replica, shots=2, base_to_new=True), DATA_CONFIG)
+    space = class_space_of(splits["train"])
+    assert space.indices == (0, 1, 2)
+    assert class_space_of(load_splits(config(replica, shots=2), DATA_CONFIG)[0]["train"]).kind == "identity"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Linear(6, 5))
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    with training_class_space(model, space):
+        logits = model(images)
+        nn.functional.cross_entropy(logits, labels).backward()
+    head = model[2]
+    assert torch.equal(head.weight.grad[3:], torch.zeros(2, 6)) and torch.equal(head.bias.grad[3:], torch.zeros(2))
+    assert head.weight.grad[:3].abs().sum() > 0
+    assert torch.allclose(logits.softmax(1)[:, :3].sum(1), torch.ones(4))  # normalised over the base classes
+    expected = nn.functional.cross_entropy(model(images)[:, :3], labels)  # a base-only head's loss
+    assert torch.allclose(nn.functional.cross_entropy(logits, labels), expected)
+    assert torch.isfinite(model(images)).all()  # closed: every class is scored again
+    model.zero_grad()
+    nn.functional.cross_entropy(model(images), labels).backward()
+    assert head.weight.grad[3:].abs().sum() > 0  # without the restriction the new rows would move
+
+
+def runner_config(root: Path, out: Path, **method):
+    from robustft.config import parse_config
+
+    raw = {
+        "name": "b2n",
+        "output_dir": str(out),
+        "model": {"source": "builtin", "zero_shot_head": "classifier"},
+        "data": {
+            "benchmark": None,
+            "protocol": {"name": "coop", "root": str(root), "options": {"dataset": "dtd", "shots": 2,
+                                                                          "base_to_new": True}},
+            "batch_size": 4,
+        },
+        "method": {"name": "finetune"} | method,
+        "optim": {"weight_decay": 0.0},
+        "train": {"steps": 2, "progress": False, "device": "cpu", "checkpoint_every": 100},
+    }  # fmt: skip
+    return parse_config(raw)
+
+
+def test_base_to_new_fit_leaves_the_new_head_rows_untouched(tmp_path):
+    from safetensors.torch import load_file
+
+    from robustft.errors import ConfigError
+    from robustft.runner import FINAL_CHECKPOINT, fit, prepare_run
+
+    classes = [f"texture {i}" for i in range(10)]  # the built-in model's 10 classifier rows; base = first 5
+    root = tmp_path / "data"
+    split: dict[str, list] = {}
+    for part, count in {"train": 3, "val": 1, "test": 1}.items():
+        split[part] = []
+        for label, name in enumerate(classes):
+            for k in range(count):
+                image = root / "dtd" / "images" / name / f"{part}{k}.png"
+                image.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (32, 32), (25 * label, 10 * k, 0)).save(image)
+                split[part].append([f"{name}/{part}{k}.png", label, name])
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    run = runner_config(root, tmp_path / "runs")
+    before = {k: v.clone() for k, v in prepare_run(run, log=lambda message: None).model.head.state_dict().items()}
+    fit(run, log=lambda message: None)
+    after = load_file(run.run_dir / FINAL_CHECKPOINT)
+    assert torch.equal(after["head.weight"][5:], before["weight"][5:])
+    assert torch.equal(after["head.bias"][5:], before["bias"][5:])
+    assert not torch.equal(after["head.weight"][:5], before["weight"][:5])  # the base rows did train
+    with pytest.raises(ConfigError, match="method.label_smoothing: must be 0"):
+        fit(runner_config(root, tmp_path / "smooth", label_smoothing=0.1), log=lambda message: None)

@@ -34,6 +34,53 @@ def test_each_corruption_is_deterministic_per_image_corruption_and_severity(name
     assert not np.array_equal(first, corrupt(TEXTURE, name, 5, key="cat/0.png"))
 
 
+IMAGENET_C = {
+    "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "gaussian_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression", "spatter", "saturate",
+}  # fmt: skip
+
+
+def test_all_19_imagenet_c_corruptions_keep_any_image_shape():
+    assert set(CORRUPTIONS) == IMAGENET_C
+    tall = np.random.default_rng(1).integers(0, 256, size=(20, 12, 3), dtype=np.uint8)
+    for name in CORRUPTIONS:
+        for severity in (1, 5):
+            out = corrupt(tall, name, severity, key="a/b.png")
+            assert out.shape == tall.shape and out.dtype == np.uint8, name
+
+
+def test_random_corruptions_depend_on_the_image_key():
+    for name in ("glass_blur", "motion_blur", "snow", "frost", "fog", "spatter", "elastic_transform"):
+        assert not np.array_equal(corrupt(TEXTURE, name, 3, key=0), corrupt(TEXTURE, name, 3, key=1)), name
+
+
+def test_motion_blur_smears_a_point_along_a_one_sided_gaussian_line():
+    from robustft.data.protocols.corruptions import _line_blur
+
+    point = np.zeros((9, 15))
+    point[4, 10] = 1.0
+    smear = _line_blur(point, radius=3, sigma=2, angle=0)  # width 2 * 3 + 1 = 7 pixels, pointing back along x
+    assert np.count_nonzero(smear) == 7 and np.flatnonzero(smear[4]).tolist() == list(range(4, 11))
+    assert np.all(np.diff(smear[4, 4:11]) > 0) and smear.sum() == pytest.approx(1.0)
+    vertical = _line_blur(point, radius=3, sigma=2, angle=90)
+    assert np.flatnonzero(vertical[:, 10]).tolist() == [0, 1, 2, 3, 4] and np.count_nonzero(vertical) == 5
+
+
+def test_weather_and_zoom_blur_act_as_their_mechanism_says():
+    def roughness(image):
+        return np.abs(np.diff(image.astype(float), axis=1)).mean()
+
+    zoomed = [roughness(corrupt(TEXTURE, "zoom_blur", s, key=0)) for s in (1, 5)]
+    assert zoomed[1] < zoomed[0] < roughness(TEXTURE)  # more zoom factors averaged: smoother
+    fog_spread = [corrupt(TEXTURE, "fog", s, key=0).astype(float).std() for s in (1, 3, 5)]
+    assert fog_spread == sorted(fog_spread, reverse=True) and fog_spread[0] < 0.5 * TEXTURE.std()  # washed out
+    dark = np.full((16, 16, 3), 30, dtype=np.uint8)
+    snow = [corrupt(dark, "snow", s, key=0).mean() for s in (1, 3, 5)]
+    assert snow == sorted(snow) and snow[0] > 40  # flakes and the whitened scene brighten a dark image
+    assert corrupt(dark, "frost", 1, key=0).mean() > 60  # 1 * image + 0.4 * ice texture
+
+
 def test_noise_depends_on_the_image_key_and_grows_with_severity():
     a, b = corrupt(TEXTURE, "gaussian_noise", 2, key=0), corrupt(TEXTURE, "gaussian_noise", 2, key=1)
     assert not np.array_equal(a, b)
@@ -42,8 +89,8 @@ def test_noise_depends_on_the_image_key_and_grows_with_severity():
 
 
 def test_unknown_corruption_or_severity_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown 'frost'"):
-        corrupt(TEXTURE, "frost", 1, key=0)
+    with pytest.raises(ConfigError, match="unknown 'barrel'"):
+        corrupt(TEXTURE, "barrel", 1, key=0)
     with pytest.raises(ConfigError, match="severity: 6 is not one of 1..5"):
         corrupt(TEXTURE, "contrast", 6, key=0)
 
@@ -82,5 +129,5 @@ def test_command_line_writes_the_tree_and_names_a_bad_corruption(tmp_path, capsy
         "contrast/2/cat/0.png",
         "contrast/2/dog/0.png",
     ]
-    assert main([str(tmp_path / "test"), str(tmp_path / "out"), "--corruptions", "frost"]) == 1
-    assert "unknown 'frost'" in capsys.readouterr().out
+    assert main([str(tmp_path / "test"), str(tmp_path / "out"), "--corruptions", "barrel"]) == 1
+    assert "unknown 'barrel'" in capsys.readouterr().out

@@ -20,14 +20,15 @@ with ``getattr``, so datasets without them need nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from robustft.errors import DataError
+from robustft.errors import ConfigError, DataError
 
 Kind = Literal["identity", "subset", "max_over_groups"]
 
@@ -123,3 +124,46 @@ def bucket_accuracy(logits: Tensor, labels: Tensor, buckets: Mapping[str, Sequen
         count = int(member.sum())
         result[name] = float(correct[member].float().mean() * 100) if count else float("nan")
     return result
+
+
+@contextmanager
+def training_class_space(model: nn.Module, space: ClassSpace) -> Iterator[None]:
+    """While open, ``model``'s logits of the classes outside ``space`` are ``-inf``: training in a class space.
+
+    CoOp / CoCoOp base-to-new (Zhou et al. 2022) train with a head over the base classes only, so the
+    training softmax normalises over base classes: p(y | x) = exp(z_y) / sum_{b in base} exp(z_b). The head
+    here keeps every class (new classes are scored through their zero-shot rows), so the train split declares
+    ``subset(base)`` and the runner opens this around training: a forward hook on the trained model masks the
+    other logits, ``F.cross_entropy(model(images), labels)`` then sees exactly the base-only softmax, and the
+    masked logits (hence the new-class head rows) get exactly zero gradient from the loss, with no method or
+    engine change. Labels stay in model space (the subset's indices must be model classes 0..k-1 in order, as
+    base classes are). Weight decay still acts on every trained parameter. The hook is removed on exit,
+    before ``finalize`` and evaluation, which score every class space as declared.
+    """
+    if space.kind == "identity":
+        yield
+        return
+    if space.kind != "subset" or list(space.indices) != list(range(len(space.indices))):
+        raise ConfigError(f"train split class space: only subset(0..k-1) can restrict training, got '{space.kind}'")
+    masks: dict[tuple[torch.device, int], Tensor] = {}
+    open_ = [True]  # deepcopies made while open keep the hook and share this flag
+
+    def mask_outside(module: nn.Module, inputs: Any, logits: Any) -> Tensor:
+        if not open_[0]:
+            return logits
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            raise ConfigError("train split class space: the trained model must return logits [N, C]")
+        key = (logits.device, logits.shape[1])
+        if key not in masks:
+            space._check_range(logits.shape[1])
+            outside = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            outside[: len(space.indices)] = False
+            masks[key] = outside
+        return logits.masked_fill(masks[key], float("-inf"))
+
+    handle = model.register_forward_hook(mask_outside)
+    try:
+        yield
+    finally:
+        open_[0] = False
+        handle.remove()

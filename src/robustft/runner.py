@@ -22,6 +22,7 @@ from robustft import distributed
 from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
+from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training_class_space
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
@@ -122,9 +123,11 @@ def fit(
     with eval_memory_advice(config, ctx.device):
         model = method.prepare(model, ctx)
         trainable = count_trainable(model)
-        method.setup(model, ctx)
-    engine = Engine(config.train, config.optim, config.data.batch_size)
-    summary = engine.fit(method, model, ctx, resume=resume)
+    with training_class_space(model, train_class_space(ctx, method)):
+        with eval_memory_advice(config, ctx.device):
+            method.setup(model, ctx)
+        engine = Engine(config.train, config.optim, config.data.batch_size)
+        summary = engine.fit(method, model, ctx, resume=resume)
     with eval_memory_advice(config, ctx.device):
         predictor = method.finalize(model, ctx)
     train_seconds = time.perf_counter() - start
@@ -145,6 +148,16 @@ def fit(
         (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def train_class_space(ctx: RunContext, method: Method) -> ClassSpace:
+    """The train split's declared class space (CoOp base-to-new: the base classes), which training is
+    restricted to (robustft.class_spaces.training_class_space); label smoothing would put target mass on
+    the masked ``-inf`` logits, so it is refused there."""
+    space = class_space_of(ctx.splits["train"]) if "train" in ctx.splits else IDENTITY
+    if space.kind != "identity" and getattr(method.config, "label_smoothing", 0):
+        raise ConfigError("method.label_smoothing: must be 0 when the train split declares a class space (base_to_new)")
+    return space
 
 
 def _quiet(message: str) -> None:

@@ -26,7 +26,10 @@ Base-to-new (CoCoOp, Zhou et al. 2022b): classes sorted by label are split in ha
 ceil(C/2) are *base*. Training and id_val see base classes only; ``id_test`` holds the base classes'
 test images scored over the base logits, ``ood_new`` the new classes' test images scored over the
 new logits (class spaces). The head covers all classes, so new classes are scored through their
-zero-shot text rows; results.json gets ``base_to_new: {base, new, hm}`` (harmonic mean).
+zero-shot text rows; results.json gets ``base_to_new: {base, new, hm}`` (harmonic mean). As in CoOp,
+training is over the base classes only: the train split declares ``subset(base)`` and the runner masks
+the new logits to -inf while training (robustft.class_spaces.training_class_space), so the training
+softmax normalises over base classes and the new-class head rows get no gradient.
 """
 
 from __future__ import annotations
@@ -195,6 +198,7 @@ def load_coop(root: Path, options: CoOpOptions, data_config: dict[str, Any], dat
     test_base = [entry for entry in parts["test"] if entry[1] < base]
     splits["id_test"] = _split(test_base, data_config, "id_test", source, data)
     if options.base_to_new:
+        declare(splits["train"], subset(range(base)))  # CoOp trains a base-only head
         declare(splits["id_test"], subset(range(base)))
         splits["id_test"].report_as = "base"
         if "id_val" in splits:
