@@ -38,33 +38,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from bench_support import build_model, read_status
 
 VARIANTS = ("finetune", "lora", "lora_peft", "moa_lora", "moa_kadaptation")
 LORA_RANK, LORA_ALPHA = 8, 16.0
-
-
-def build_model(name: str, num_classes: int = 10):
-    import timm
-
-    from robustft.backbones.builtin import DIGITS_VIT_ARGS
-    from robustft.backbones.classifier import ImageClassifier
-
-    if name == "digits":
-        from timm.models.vision_transformer import VisionTransformer
-
-        backbone, size = VisionTransformer(num_classes=0, **DIGITS_VIT_ARGS), 32
-    else:
-        backbone = timm.create_model(name, pretrained=False, num_classes=0)
-        size = backbone.default_cfg["input_size"][-1]
-    head = torch.nn.Linear(backbone.num_features, num_classes)
-    return ImageClassifier(backbone, head), size
-
-
-def read_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def prepare_variant(variant: str, model, ctx):

@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_support import read_status
 from torch import nn
 
 # Non-trained methods whose predictor is one plain classifier of the starting architecture.
@@ -137,14 +138,6 @@ def synthetic_classifier(args: argparse.Namespace, run_dir: Path, device: torch.
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def read_status(key: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (``VmRSS``, ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def release_freed_heap() -> None:

@@ -28,24 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_support import build_model
 
 from robustft.methods.vrf import VrfPredictor, normalised_embedding_and_logits
-
-
-def build_model(name: str, num_classes: int) -> tuple[torch.nn.Module, int]:
-    import timm
-
-    from robustft.backbones.builtin import DIGITS_VIT_ARGS
-    from robustft.backbones.classifier import ImageClassifier
-
-    if name == "digits_vit":
-        from timm.models.vision_transformer import VisionTransformer
-
-        backbone, size = VisionTransformer(num_classes=0, **DIGITS_VIT_ARGS), 32
-    else:
-        backbone = timm.create_model(name, pretrained=False, num_classes=0)
-        size = backbone.default_cfg["input_size"][-1]
-    return ImageClassifier(backbone, torch.nn.Linear(backbone.num_features, num_classes)), size
 
 
 def timed(function: Callable[[], object], device: torch.device) -> float:
