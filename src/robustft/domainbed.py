@@ -268,9 +268,7 @@ def load_domainbed_config(path: Path | str, overrides: list[str] | None = None) 
 def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every candidate not finished yet (one loaded model + data per held-out domain and trial),
     write ``domainbed.json`` / ``domainbed.md`` after each, and return the summary (``summarize``)."""
-    from robustft.engine import NonFiniteLossError
-    from robustft.runner import RESULTS_FILE, fit, prepare_run
-    from robustft.sweep import prepared_data_key
+    from robustft.sweep import run_point
 
     cache: dict[str, Any] = {}
     total = sum(len(cell.candidates) for cell in plan.cells)
@@ -280,23 +278,9 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> di
             done += 1
             where = f"[{done}/{total}] {cell.method} / {cell.test_domain} / trial{cell.trial}"
             where += f" / {candidate.name}" if len(cell.candidates) > 1 else ""
-            finished = candidate.run_dir / RESULTS_FILE
-            if finished.is_file():
-                candidate.status, candidate.results = "skipped", json.loads(finished.read_text())
-                log(f"{where}: finished before, skipped")
-                continue
-            log(f"{where}: running")
-            key = prepared_data_key(candidate.config)
-            if key not in cache:
-                cache.clear()  # one loaded data set at a time
-                cache[key] = prepare_run(candidate.config, log)
-            try:
-                candidate.results = fit(candidate.config, resume=True, log=log, prepared=cache[key]) or None
-                candidate.status = "trained" if candidate.results else "stopped"
-            except NonFiniteLossError as error:  # a diverging candidate loses the selection, the protocol goes on
-                candidate.status, candidate.error = "failed", str(error)
-                log(f"{where}: failed: {error}")
-            write_outputs(plan)
+            run_point(candidate, cache, where, log)  # a diverging candidate loses the selection, the protocol goes on
+            if candidate.status != "skipped":
+                write_outputs(plan)
     return write_outputs(plan)
 
 

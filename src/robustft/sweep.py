@@ -160,29 +160,12 @@ def run_sweep(
     Points with the same model and data reuse one loaded model and data set (``runner.fit``'s
     ``prepared``), which is what a cold start of each run would rebuild identically.
     """
-    from robustft.engine import NonFiniteLossError
-    from robustft.runner import RESULTS_FILE, fit, prepare_run
-
     sweep = plan_sweep(config, axes, overrides)
     cache: dict[str, Any] = {}
     for i, point in enumerate(sweep.points, 1):
-        finished = point.run_dir / RESULTS_FILE
-        if finished.is_file():
-            point.status, point.results = "skipped", json.loads(finished.read_text())
-            log(f"[{i}/{len(sweep.points)}] {point.name}: finished before, skipped")
-            continue
-        log(f"[{i}/{len(sweep.points)}] {point.name}: running")
-        key = prepared_data_key(point.config)
-        if key not in cache:
-            cache.clear()  # one loaded data set at a time
-            cache[key] = prepare_run(point.config, log)
-        try:
-            point.results = fit(point.config, resume=True, log=log, prepared=cache[key]) or None
-            point.status = "trained" if point.results else "stopped"
-        except NonFiniteLossError as error:  # a diverging learning rate is a result of a sweep, not its end
-            point.status, point.error = "failed", str(error)
-            log(f"[{i}/{len(sweep.points)}] {point.name}: failed: {error}")
-        write_manifest(sweep, config, axes)
+        run_point(point, cache, f"[{i}/{len(sweep.points)}] {point.name}", log)
+        if point.status != "skipped":
+            write_manifest(sweep, config, axes)
     write_manifest(sweep, config, axes)
     return sweep
 
@@ -200,6 +183,34 @@ def write_manifest(sweep: Sweep, config: Path | str, axes: Sequence[GridAxis]) -
     }
     text = json.dumps(manifest, indent=2, default=str) + "\n"  # YAML values may be dates
     return atomic_write(sweep.directory / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+def run_point(point: SweepPoint, cache: dict[str, Any], where: str, log: Callable[[str], None]) -> None:
+    """Fit ``point`` (resuming), or read it back if it finished before; sets its status, results and error.
+
+    ``cache`` holds one loaded model and data set, shared by consecutive points with equal
+    ``prepared_data_key``. A diverging point (NaN loss) is marked failed and the caller goes on: a
+    learning rate that diverges is a result of a sweep or a DomainBed grid, not its end.
+    """
+    from robustft.engine import NonFiniteLossError
+    from robustft.runner import RESULTS_FILE, fit, prepare_run
+
+    finished = point.run_dir / RESULTS_FILE
+    if finished.is_file():
+        point.status, point.results = "skipped", json.loads(finished.read_text())
+        log(f"{where}: finished before, skipped")
+        return
+    log(f"{where}: running")
+    key = prepared_data_key(point.config)
+    if key not in cache:
+        cache.clear()  # one loaded data set at a time
+        cache[key] = prepare_run(point.config, log)
+    try:
+        point.results = fit(point.config, resume=True, log=log, prepared=cache[key]) or None
+        point.status = "trained" if point.results else "stopped"
+    except NonFiniteLossError as error:
+        point.status, point.error = "failed", str(error)
+        log(f"{where}: failed: {error}")
 
 
 def prepared_data_key(config: RunConfig) -> str:
