@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,3 +35,24 @@ def read_status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and population std over seeds."""
+    return {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
+
+
+def above_curve(point: dict[str, Any], curve: list[dict[str, Any]] | None) -> float | None:
+    """OOD of ``point`` minus a mixing curve's OOD at the same ID (linear between curve points ordered by ID).
+
+    Positive: a better trade-off than any mixing coefficient of that ensemble (WiSE-FT, OSE). None when
+    there is no curve or the point's ID lies outside the curve's ID range.
+    """
+    if not curve:
+        return None
+    ordered = sorted(curve, key=lambda p: p["id"])
+    for low, high in zip(ordered, ordered[1:], strict=False):
+        if low["id"] <= point["id"] <= high["id"]:
+            t = 0.0 if high["id"] == low["id"] else (point["id"] - low["id"]) / (high["id"] - low["id"])
+            return point["ood_avg"] - (low["ood_avg"] + t * (high["ood_avg"] - low["ood_avg"]))
+    return None

@@ -20,27 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_support import above_curve
 
 from robustft.demo import run_demo
 from robustft.methods import list_methods
 
 METHOD = "masked_counterfactual"
-
-
-def above_curve(point: dict, curve: list[dict] | None) -> float | None:
-    """OOD of ``point`` minus the WiSE-FT curve's OOD at the same ID (linear between points ordered by ID).
-
-    Positive: a better trade-off than any interpolation of the zero-shot and fine-tuned weights.
-    None when there is no curve or the point's ID is outside the curve's ID range.
-    """
-    if not curve:
-        return None
-    ordered = sorted(curve, key=lambda p: p["id"])
-    for low, high in zip(ordered, ordered[1:], strict=False):
-        if low["id"] <= point["id"] <= high["id"]:
-            t = 0.0 if high["id"] == low["id"] else (point["id"] - low["id"]) / (high["id"] - low["id"])
-            return point["ood_avg"] - (low["ood_avg"] + t * (high["ood_avg"] - low["ood_avg"]))
-    return None
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_support import mean_std
 
 from robustft.demo import INGREDIENTS_DIR, SOUP_LEARNING_RATES, run_demo
 from robustft.report import plot_alpha_curve
@@ -47,10 +48,6 @@ def run_seed(out: Path, seed: int) -> dict[str, Any]:
         ],
         "demo_seconds": results["total_seconds"],
     }
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
 
 
 def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_support import above_curve, mean_std
 
 from robustft.demo import demo_config
 from robustft.evaluate import split_metrics
@@ -72,20 +73,6 @@ KEPT_KEYS = (
 
 def quiet(message: str) -> None:
     pass
-
-
-def above_curve(point: dict[str, Any], curve: list[dict[str, Any]]) -> float | None:
-    """OOD of ``point`` minus the curve's OOD at the same ID (linear between curve points ordered by ID).
-
-    Positive: a better trade-off than any mixing coefficient of that ensemble. None when the point's ID lies
-    outside the curve's ID range.
-    """
-    ordered = sorted(curve, key=lambda p: p["id"])
-    for low, high in zip(ordered, ordered[1:], strict=False):
-        if low["id"] <= point["id"] <= high["id"]:
-            t = 0.0 if high["id"] == low["id"] else (point["id"] - low["id"]) / (high["id"] - low["id"])
-            return point["ood_avg"] - (low["ood_avg"] + t * (high["ood_avg"] - low["ood_avg"]))
-    return None
 
 
 @torch.no_grad()
@@ -149,10 +136,6 @@ def run_seed(out: Path, seed: int) -> dict[str, Any]:
         for curve in ("wise_ft", "output_ensemble"):
             point[f"ood_above_{curve}_curve_at_same_id"] = above_curve(point, methods[curve]["curve"])
     return methods
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
 
 
 def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
