@@ -220,11 +220,11 @@ def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch
     whose method produced gradients for other parameters is caught instead of deadlocking the
     bucketed gradient all-reduce that follows (equal sums of k and k^2 hold only when all k agree).
     """
+    values = _as_floats([total_loss, *logs.values()])
     if distributed.world_size() == 1:
-        return float(total_loss), {key: float(value) for key, value in logs.items()}
+        return values[0], dict(zip(logs, values[1:], strict=True))
     grads = [p.grad for p in params if p.grad is not None]
     processes, count = distributed.world_size(), len(grads)
-    values = [float(total_loss), *(float(value) for value in logs.values())]
     summary = torch.tensor([*values, count, count * count], dtype=torch.float64)
     distributed.all_reduce_sum_([summary])
     if summary[-2] != processes * count or summary[-1] != processes * count * count:
@@ -236,6 +236,23 @@ def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch
     if math.isfinite(means[0]):
         distributed.all_reduce_mean_(grads)
     return means[0], dict(zip(logs, means[1:], strict=True))
+
+
+def _as_floats(values: list[Any]) -> list[float]:
+    """Python floats of numbers and scalar tensors, the tensors fetched in one device-to-host copy.
+
+    A method may log many tensors per step (mixture-of-adapters: a share per expert per block);
+    ``float()`` on each would synchronise with the GPU once per value.
+    """
+    positions = [i for i, value in enumerate(values) if isinstance(value, torch.Tensor)]
+    floats = [value if i in positions else float(value) for i, value in enumerate(values)]
+    if positions:
+        device = values[positions[0]].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # float64 keeps float() exact; MPS has none
+        fetched = torch.stack([values[i].detach().to(device, dtype).reshape(()) for i in positions]).tolist()
+        for i, value in zip(positions, fetched, strict=True):
+            floats[i] = value
+    return floats
 
 
 def _kept(checkpoint: Path, step: int | None) -> str:
