@@ -109,8 +109,8 @@ def main() -> None:
             per_seed[seed] = run_seed(Path(tmp) / f"seed{seed}", seed, bases, posthoc)
     report = {
         "benchmark": "digits_shift",
-        "command": "python benchmarks/composition_tradeoff.py " + " ".join(
-            [f"--seeds {' '.join(map(str, args.seeds))}", f"--threads {args.threads}"]),
+        "command": "python benchmarks/composition_tradeoff.py "
+        + " ".join([f"--seeds {' '.join(map(str, args.seeds))}", f"--threads {args.threads}"]),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "skipped_unregistered": skipped,
         "per_seed": per_seed,
@@ -121,8 +121,10 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     for pair, verdict in report["summary"]["compositions"].items():
         scores = report["summary"]["mean"][pair]
-        print(f"{pair:40s} ID {scores['id']:6.2f} OOD {scores['ood_avg']:6.2f}  beats both parts: "
-              f"{verdict['beats_both_parts']}")
+        print(
+            f"{pair:40s} ID {scores['id']:6.2f} OOD {scores['ood_avg']:6.2f}  beats both parts: "
+            f"{verdict['beats_both_parts']}"
+        )
     print(f"wrote {args.out}")
 
 

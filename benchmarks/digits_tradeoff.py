@@ -30,13 +30,19 @@ def main() -> None:
     per_seed, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            results = run_demo(Path(tmp) / f"seed{seed}", seed=seed, methods=args.methods.split(","),
-                               progress=False, log=lambda message: None)
+            results = run_demo(
+                Path(tmp) / f"seed{seed}",
+                seed=seed,
+                methods=args.methods.split(","),
+                progress=False,
+                log=lambda message: None,
+            )
             methods = results["methods"]
             zs, ft = methods["zeroshot"], methods["finetune"]
             per_seed[seed] = {
-                "methods": {name: {k: m[k] for k in ("id", "ood", "ood_avg", "train_seconds")}
-                            for name, m in methods.items()},
+                "methods": {
+                    name: {k: m[k] for k in ("id", "ood", "ood_avg", "train_seconds")} for name, m in methods.items()
+                },
                 "ft_beats_zs_on_id": ft["id"] > zs["id"],
                 "ft_ood_below_zs": ft["ood_avg"] < zs["ood_avg"],
                 "demo_seconds": results["total_seconds"],
@@ -46,8 +52,12 @@ def main() -> None:
     for name in per_seed[args.seeds[0]]["methods"]:
         ids = [per_seed[s]["methods"][name]["id"] for s in args.seeds]
         oods = [per_seed[s]["methods"][name]["ood_avg"] for s in args.seeds]
-        summary[name] = {"id_mean": statistics.mean(ids), "id_std": statistics.pstdev(ids),
-                         "ood_avg_mean": statistics.mean(oods), "ood_avg_std": statistics.pstdev(oods)}
+        summary[name] = {
+            "id_mean": statistics.mean(ids),
+            "id_std": statistics.pstdev(ids),
+            "ood_avg_mean": statistics.mean(oods),
+            "ood_avg_std": statistics.pstdev(oods),
+        }
     report = {
         "benchmark": "digits_shift",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

@@ -27,8 +27,19 @@ from robustft.report import plot_alpha_curve
 
 METHODS = ("zeroshot", "finetune", "wise_ft", "output_ensemble", "uniform_soup", "greedy_soup")
 SWEPT = ("wise_ft", "output_ensemble")
-KEPT_KEYS = ("id", "id_val", "ood", "ood_avg", "train_seconds", "alpha", "oracle_alpha_id", "oracle_alpha_ood",
-             "curve", "kept", "ingredient_id_val")
+KEPT_KEYS = (
+    "id",
+    "id_val",
+    "ood",
+    "ood_avg",
+    "train_seconds",
+    "alpha",
+    "oracle_alpha_id",
+    "oracle_alpha_ood",
+    "curve",
+    "kept",
+    "ingredient_id_val",
+)
 
 
 def run_seed(out: Path, seed: int) -> dict[str, Any]:
@@ -55,16 +66,21 @@ def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"methods": {}, "curves": {}}
     for name in METHODS:
         entries = [per_seed[s]["methods"][name] for s in seeds]
-        summary["methods"][name] = {"id": mean_std([e["id"] for e in entries]),
-                                    "ood_avg": mean_std([e["ood_avg"] for e in entries])}
+        summary["methods"][name] = {
+            "id": mean_std([e["id"] for e in entries]),
+            "ood_avg": mean_std([e["ood_avg"] for e in entries]),
+        }
         if name in SWEPT:
             summary["methods"][name]["alpha_picked"] = [e["alpha"] for e in entries]
             summary["methods"][name]["oracle_alpha_ood"] = [e["oracle_alpha_ood"] for e in entries]
             curves = [{p["alpha"]: p for p in e["curve"]} for e in entries]
             summary["curves"][name] = [
-                {"alpha": alpha, "id": statistics.mean(c[alpha]["id"] for c in curves),
-                 "ood_avg": statistics.mean(c[alpha]["ood_avg"] for c in curves),
-                 "id_val": statistics.mean(c[alpha]["id_val"] for c in curves)}
+                {
+                    "alpha": alpha,
+                    "id": statistics.mean(c[alpha]["id"] for c in curves),
+                    "ood_avg": statistics.mean(c[alpha]["ood_avg"] for c in curves),
+                    "id_val": statistics.mean(c[alpha]["id_val"] for c in curves),
+                }
                 for alpha in curves[0]
             ]
     summary["methods"]["greedy_soup"]["kept"] = [len(per_seed[s]["methods"]["greedy_soup"]["kept"]) for s in seeds]
@@ -101,7 +117,7 @@ def main() -> None:
     report = {
         "benchmark": "digits_shift",
         "recipe": "robustft demo (AdamW lr 3e-4, wd 0.1, batch 64, 8 epochs); soups over lr "
-                  f"{', '.join(map(str, sorted({3e-4, *SOUP_LEARNING_RATES})))}",
+        f"{', '.join(map(str, sorted({3e-4, *SOUP_LEARNING_RATES})))}",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -116,8 +132,10 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot_mean_curves(report, args.out)
     print(json.dumps(report["summary"]["methods"], indent=2))
-    print(f"WiSE-FT (id_val pick) beats FT on ID and OOD on every seed: "
-          f"{report['wise_pick_beats_ft_on_id_and_ood_every_seed']}; wrote {args.out}")
+    print(
+        f"WiSE-FT (id_val pick) beats FT on ID and OOD on every seed: "
+        f"{report['wise_pick_beats_ft_on_id_and_ood_every_seed']}; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,15 @@ def worker(args: argparse.Namespace) -> dict:
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     train = TensorDataset(images.cpu().repeat(2, 1, 1, 1), labels.cpu().repeat(2))
-    ctx = RunContext(Path(args.tmp), device, 0, {"train": train}, [str(i) for i in range(10)],
-                     eval_batch_size=args.batch_size, log=lambda message: None)
+    ctx = RunContext(
+        Path(args.tmp),
+        device,
+        0,
+        {"train": train},
+        [str(i) for i in range(10)],
+        eval_batch_size=args.batch_size,
+        log=lambda message: None,
+    )
     method = get_method(args.worker)()
     model = method.prepare(model, ctx)
     method.setup(model, ctx)
@@ -116,8 +123,20 @@ def main() -> None:
         return
     results = {}
     for name in args.methods.split(","):
-        command = [sys.executable, __file__, "--worker", name, "--model", args.model, "--batch-size",
-                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])
         print(name, json.dumps(results[name]))

@@ -35,23 +35,44 @@ def main() -> None:
     per_seed, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            results = run_demo(Path(tmp) / f"seed{seed}", seed=seed, methods=args.methods.split(","),
-                               progress=False, log=lambda message: None)
+            results = run_demo(
+                Path(tmp) / f"seed{seed}",
+                seed=seed,
+                methods=args.methods.split(","),
+                progress=False,
+                log=lambda message: None,
+            )
             per_seed[seed] = {name: {k: m[k] for k in KEYS if k in m} for name, m in results["methods"].items()}
-            print(json.dumps({"seed": seed, "methods": {n: [round(m["id"], 2), round(m["ood_avg"], 2)]
-                                                         for n, m in per_seed[seed].items()}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "seed": seed,
+                        "methods": {n: [round(m["id"], 2), round(m["ood_avg"], 2)] for n, m in per_seed[seed].items()},
+                    }
+                ),
+                flush=True,
+            )
     summary = {}
     for name in per_seed[args.seeds[0]]:
         ids = [per_seed[s][name]["id"] for s in args.seeds]
         oods = [per_seed[s][name]["ood_avg"] for s in args.seeds]
-        summary[name] = {"id_mean": statistics.mean(ids), "id_std": statistics.pstdev(ids),
-                         "ood_avg_mean": statistics.mean(oods), "ood_avg_std": statistics.pstdev(oods)}
+        summary[name] = {
+            "id_mean": statistics.mean(ids),
+            "id_std": statistics.pstdev(ids),
+            "ood_avg_mean": statistics.mean(oods),
+            "ood_avg_std": statistics.pstdev(oods),
+        }
     ft = summary["finetune"]
-    claims = {name: {"ood_minus_ft": s["ood_avg_mean"] - ft["ood_avg_mean"],
-                     "id_minus_ft": s["id_mean"] - ft["id_mean"],
-                     "better_ood_at_equal_or_better_id": s["ood_avg_mean"] > ft["ood_avg_mean"]
-                     and s["id_mean"] >= ft["id_mean"] - max(ft["id_std"], 0.1)}
-              for name, s in summary.items() if name in ("mixout", "gmixout", "saft")}
+    claims = {
+        name: {
+            "ood_minus_ft": s["ood_avg_mean"] - ft["ood_avg_mean"],
+            "id_minus_ft": s["id_mean"] - ft["id_mean"],
+            "better_ood_at_equal_or_better_id": s["ood_avg_mean"] > ft["ood_avg_mean"]
+            and s["id_mean"] >= ft["id_mean"] - max(ft["id_std"], 0.1),
+        }
+        for name, s in summary.items()
+        if name in ("mixout", "gmixout", "saft")
+    }
     report = {
         "benchmark": "digits_shift",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",

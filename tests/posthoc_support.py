@@ -39,8 +39,9 @@ def small_prepared(prepared: Prepared, size: int = 64) -> Prepared:
     The zero-shot model is shared, never modified: ``runner.fit`` deep-copies it.
     """
     splits = {
-        name: split if name == "train" else TensorSplit(split.images[:size], split.labels[:size],
-                                                        prepared.model.data_config, name)
+        name: split
+        if name == "train"
+        else TensorSplit(split.images[:size], split.labels[:size], prepared.model.data_config, name)
         for name, split in prepared.ctx.splits.items()
     }
     return Prepared(prepared.model, dataclasses.replace(prepared.ctx, splits=splits), prepared.benchmark)
@@ -60,8 +61,10 @@ def finetune(prepared: Prepared, out: Path, name: str = "finetune", lr: float = 
 
 def posthoc_run(prepared: Prepared, out: Path, method: str, **options: Any) -> dict[str, Any]:
     """Run a post-hoc method through ``runner.fit``; returns its results.json entry."""
-    options = {key: [str(v) for v in value] if isinstance(value, list) and key == "ingredients" else value
-               for key, value in options.items()}
+    options = {
+        key: [str(v) for v in value] if isinstance(value, list) and key == "ingredients" else value
+        for key, value in options.items()
+    }
     if "finetuned_run" in options:
         options["finetuned_run"] = str(options["finetuned_run"])
     config = demo_config(method, 0, out, method_options=options, progress=False)

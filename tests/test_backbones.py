@@ -45,9 +45,7 @@ def _images(n: int = 3, size: int = 32) -> torch.Tensor:
 
 def _reference_vit(num_classes: int = 10, **overrides: object) -> nn.Module:
     torch.manual_seed(1)
-    return timm.create_model(
-        VIT, pretrained=False, num_classes=num_classes, **{**VIT_KWARGS, **overrides}
-    ).eval()
+    return timm.create_model(VIT, pretrained=False, num_classes=num_classes, **{**VIT_KWARGS, **overrides}).eval()
 
 
 def _save_pt_like_ddp(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -244,8 +242,7 @@ def test_text_zero_shot_head_matches_an_independent_computation(clip: OpenClipPa
     with torch.no_grad():
         for name in class_names:
             per_template = [
-                F.normalize(clip.model.encode_text(clip.tokenizer([t.format(name)]))[0], dim=0)
-                for t in templates
+                F.normalize(clip.model.encode_text(clip.tokenizer([t.format(name)]))[0], dim=0) for t in templates
             ]
             rows.append(clip.logit_scale * F.normalize(torch.stack(per_template).mean(0), dim=0))
     expected = torch.stack(rows)

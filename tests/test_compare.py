@@ -49,8 +49,10 @@ def small(digits_prepared):
     """digits-shift with 32 images per evaluation split and 128 training images (two steps of 64)."""
     prepared = small_prepared(digits_prepared, size=32)
     train = prepared.ctx.splits["train"]
-    splits = {**prepared.ctx.splits, "train": TensorSplit(train.images[:128], train.labels[:128],
-                                                          prepared.model.data_config, "train")}
+    splits = {
+        **prepared.ctx.splits,
+        "train": TensorSplit(train.images[:128], train.labels[:128], prepared.model.data_config, "train"),
+    }
     return Prepared(prepared.model, dataclasses.replace(prepared.ctx, splits=splits), prepared.benchmark)
 
 
@@ -65,8 +67,9 @@ def run(out, small, methods=METHODS, seeds=SEEDS):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compare, "fit", counted)
-        comparison = execute_comparison(base_config(out), methods, seeds, out, log=quiet, prepared=small,
-                                        settings=SETTINGS)
+        comparison = execute_comparison(
+            base_config(out), methods, seeds, out, log=quiet, prepared=small, settings=SETTINGS
+        )
     return fits, comparison
 
 
@@ -78,8 +81,10 @@ def first(small, tmp_path_factory):
 
 
 def without_timings(leaderboard):
-    rows = {name: {key: value for key, value in row.items() if key not in TIMED} for name, row in
-            leaderboard["methods"].items()}
+    rows = {
+        name: {key: value for key, value in row.items() if key not in TIMED}
+        for name, row in leaderboard["methods"].items()
+    }
     return {**leaderboard, "methods": rows}
 
 
@@ -106,13 +111,16 @@ def test_leaderboard_numbers_are_the_mean_and_std_of_the_run_files(first):
         seed: {m: json.loads((out / f"seed{seed}" / m / "results.json").read_text())["methods"][m] for m in METHODS}
         for seed in SEEDS
     }
-    lines = {seed: tradeoff_line(*[(files[seed][m]["id"], ood_average(files[seed][m])) for m in ("zeroshot",
-                                                                                                   "finetune")])
-             for seed in SEEDS}
+    lines = {
+        seed: tradeoff_line(*[(files[seed][m]["id"], ood_average(files[seed][m])) for m in ("zeroshot", "finetune")])
+        for seed in SEEDS
+    }
 
     def expect(values):
-        return {"mean": pytest.approx(statistics.fmean(values), abs=1e-12),
-                "std": pytest.approx(statistics.pstdev(values), abs=1e-12)}
+        return {
+            "mean": pytest.approx(statistics.fmean(values), abs=1e-12),
+            "std": pytest.approx(statistics.pstdev(values), abs=1e-12),
+        }
 
     for method, row in leaderboard["methods"].items():
         entries = [files[seed][method] for seed in SEEDS]
@@ -180,8 +188,11 @@ def test_soups_get_ingredients_and_per_method_learning_rates(tmp_path):
 
 def test_compare_section_and_options_errors(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"method": {"name": "lora", "rank": 4},
-                                      "compare": {"seeds": [0, 2], "optim": {"lora": {"lr": 0.001}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"method": {"name": "lora", "rank": 4}, "compare": {"seeds": [0, 2], "optim": {"lora": {"lr": 0.001}}}}
+        )
+    )
     base, settings = load_compare_config(config, ["compare.methods=[finetune,lora]"])
     assert settings.seeds == [0, 2] and settings.methods == ["finetune", "lora"]
     lora = next(p for p in plan_seed(base, ["lora"], 0, tmp_path, settings) if p.method == "lora")

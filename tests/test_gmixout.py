@@ -91,8 +91,14 @@ def test_mask_changes_exactly_every_k_steps(tmp_path):
     model, method = prepared(tmp_path, k=3, p=0.5)
     name = next(iter(sparse_updates(model)))
     seen = []
-    run(model, method, torch.optim.AdamW, steps=8, record=lambda step: seen.append(
-        sparse_updates(model)[name].indices.clone()), lr=1e-2)
+    run(
+        model,
+        method,
+        torch.optim.AdamW,
+        steps=8,
+        record=lambda step: seen.append(sparse_updates(model)[name].indices.clone()),
+        lr=1e-2,
+    )
     changed = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, len(seen))]
     assert changed == [False, False, True, False, False, True, False]
 
@@ -170,8 +176,17 @@ def test_resume_mid_run_matches_an_uninterrupted_run(digits_prepared, tmp_path):
     """Masks, anchors and the remapped optimiser state all survive a checkpoint (k=2: resampled 3 times)."""
 
     def config(name, **train):
-        return demo_config("gmixout", 0, tmp_path, name=name, method_options={"k": 2, "ema": 0.5}, steps=6,
-                           checkpoint_every=3, progress=False, **train)
+        return demo_config(
+            "gmixout",
+            0,
+            tmp_path,
+            name=name,
+            method_options={"k": 2, "ema": 0.5},
+            steps=6,
+            checkpoint_every=3,
+            progress=False,
+            **train,
+        )
 
     fit(config("full"), log=quiet, prepared=digits_prepared)
     assert fit(config("resumed", stop_after=3), log=quiet, prepared=digits_prepared) == {}

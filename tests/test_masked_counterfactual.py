@@ -97,9 +97,10 @@ def test_loss_is_task_plus_beta_times_distillation(digits_prepared, tmp_path):
 
 
 def test_presets_and_explicit_options():
-    assert MaskedCounterfactualConfig().model_dump() | {} == MaskedCounterfactualConfig(
-        preset="obj_mask_single_fill"
-    ).model_dump()
+    assert (
+        MaskedCounterfactualConfig().model_dump() | {}
+        == MaskedCounterfactualConfig(preset="obj_mask_single_fill").model_dump()
+    )
     default = MaskedCounterfactualConfig()
     assert (default.mask, default.fill, default.threshold, default.beta) == ("object", "single", 0.3, 30.0)
     context = MaskedCounterfactualConfig(preset="ctx_mask_multi_fill")

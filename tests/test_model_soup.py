@@ -93,8 +93,10 @@ def test_greedy_soup_rejects_a_broken_ingredient_that_the_uniform_soup_takes(sma
     broken = tmp_path / "broken"
     shutil.copytree(ingredients[0], broken)
     generator = torch.Generator().manual_seed(0)
-    state = {key: value + torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
-             for key, value in _state(ingredients[0]).items()}
+    state = {
+        key: value + torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+        for key, value in _state(ingredients[0]).items()
+    }
     save_state_dict_file(state, broken / FINAL_CHECKPOINT)
     runs = [*ingredients, broken]
     greedy = posthoc_run(small, tmp_path, "greedy_soup", ingredients=runs)

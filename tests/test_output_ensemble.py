@@ -72,8 +72,9 @@ def test_an_endpoint_runs_only_one_model(small, models):
 
 
 def test_sweep_forwards_each_model_once_per_split(small, finetuned_run, tmp_path):
-    method = get_method("output_ensemble")(get_method("output_ensemble").config_cls(
-        finetuned_run=finetuned_run, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+    method = get_method("output_ensemble")(
+        get_method("output_ensemble").config_cls(finetuned_run=finetuned_run, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    )
     ctx = small.ctx.for_run(tmp_path, 0, lambda message: None)
     model = method.prepare(copy.deepcopy(small.model), ctx)
     calls = []
@@ -89,7 +90,10 @@ def test_output_ensemble_run_matches_its_endpoints_and_reloads(small, finetuned_
     curve = {point["alpha"]: point for point in entry["curve"]}
     finetuned = json.loads((finetuned_run / "results.json").read_text())["methods"]["finetune"]
     assert (curve[1.0]["id"], curve[1.0]["ood"], curve[1.0]["id_val"]) == (
-        finetuned["id"], finetuned["ood"], finetuned["id_val"])
+        finetuned["id"],
+        finetuned["ood"],
+        finetuned["id_val"],
+    )
     zero_shot = evaluate_splits(small.model, small.ctx.splits, small.ctx.device)
     assert curve[0.0]["ood"] == {k: v["accuracy"] for k, v in zero_shot.items() if k.startswith("ood_")}
     assert entry["alpha"] == max(curve, key=lambda a: (curve[a]["id_val"], -a))
@@ -99,8 +103,9 @@ def test_output_ensemble_run_matches_its_endpoints_and_reloads(small, finetuned_
     assert saved["alpha"].item() == pytest.approx(entry["alpha"])
     assert {key.split(".", 1)[0] for key in saved} == {"zero_shot", "finetuned", "alpha"}
     method = get_method("output_ensemble")()
-    predictor = method.load_predictor(copy.deepcopy(small.model), tmp_path / "output_ensemble" / FINAL_CHECKPOINT,
-                                      "digits_vit")
+    predictor = method.load_predictor(
+        copy.deepcopy(small.model), tmp_path / "output_ensemble" / FINAL_CHECKPOINT, "digits_vit"
+    )
     reloaded = evaluate_splits(predictor, small.ctx.splits, small.ctx.device)
     assert reloaded["id_test"]["accuracy"] == entry["id"]
     assert {k: v["accuracy"] for k, v in reloaded.items() if k.startswith("ood_")} == entry["ood"]

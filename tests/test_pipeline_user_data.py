@@ -87,8 +87,12 @@ def test_timm_prototype_head_and_linear_probe(dataset, tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     checkpoint = tmp_path / "vit.safetensors"
     save_state_dict_file(model.state_dict(), checkpoint)
-    spec = {"source": "timm", "name": "vit_tiny_patch16_224", "checkpoint": str(checkpoint),
-            "model_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"}}
+    spec = {
+        "source": "timm",
+        "name": "vit_tiny_patch16_224",
+        "checkpoint": str(checkpoint),
+        "model_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"},
+    }
     # 5-class pretrained head vs 2 classes: auto falls back to class prototypes
     results = fit(parse_config(user_config(dataset, tmp_path, spec, "linear_probe")), log=lambda m: None)
     entry = results["methods"]["linear_probe"]

@@ -35,8 +35,14 @@ FT = (90.0, 55.0)
 
 
 def _method(id_acc: float, ood: dict[str, float], **extra: Any) -> dict[str, Any]:
-    return {"id": id_acc, "ood": ood, "ood_avg": sum(ood.values()) / len(ood), "train_seconds": 12.34,
-            "trainable_params": 1_234_567, **extra}
+    return {
+        "id": id_acc,
+        "ood": ood,
+        "ood_avg": sum(ood.values()) / len(ood),
+        "train_seconds": 12.34,
+        "trainable_params": 1_234_567,
+        **extra,
+    }
 
 
 def _results(benchmark: str = "digits", **methods: dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +53,9 @@ def _full_results() -> dict[str, Any]:
     return _results(
         zeroshot=_method(70.0, {"ood_fonts": 62.0, "ood_noise": 58.0}, trainable_params=0),
         finetune=_method(91.234, {"ood_fonts": 57.0, "ood_noise": 53.0}),
-        wise_ft=_method(89.0, {"ood_fonts": 66.0, "ood_noise": 64.0},
-                        macro_f1={"ood_fonts": 65.432, "ood_noise": 61.0}),
+        wise_ft=_method(
+            89.0, {"ood_fonts": 66.0, "ood_noise": 64.0}, macro_f1={"ood_fonts": 65.432, "ood_noise": 61.0}
+        ),
         linear_probe=_method(80.0, {"ood_fonts": 59.5}),  # no ood_noise: shows as "-"
         lp_ft=_method(90.5, {"ood_fonts": 61.0, "ood_noise": 57.0}),
         aaa_method=_method(85.0, {"ood_fonts": 60.0, "ood_noise": 60.0}),
@@ -114,8 +121,10 @@ def test_add_effective_robustness_needs_both_baselines() -> None:
 def test_load_results_merges_dirs_and_keeps_conflicts(tmp_path: Path) -> None:
     _write(tmp_path / "run_a" / "zeroshot", _results(zeroshot=_method(70.0, {"ood_fonts": 60.0})))
     _write(tmp_path / "run_a" / "ft", _results(finetune=_method(90.0, {"ood_fonts": 55.0})))
-    _write(tmp_path / "run_b", _results(finetune=_method(91.0, {"ood_fonts": 56.0}),
-                                        lp_ft=_method(90.0, {"ood_fonts": 58.0})))
+    _write(
+        tmp_path / "run_b",
+        _results(finetune=_method(91.0, {"ood_fonts": 56.0}), lp_ft=_method(90.0, {"ood_fonts": 58.0})),
+    )
     merged = load_results([tmp_path / "run_a", tmp_path / "run_b"])
     assert merged["benchmark"] == "digits"
     assert set(merged["methods"]) == {"zeroshot", "finetune", "finetune@ft", "lp_ft"}
@@ -150,8 +159,16 @@ def test_load_results_nothing_found_names_paths(tmp_path: Path) -> None:
 
 def test_results_table_order_columns_and_missing() -> None:
     header, rows = results_table(_full_results())
-    assert header == ["method", "ID", "ood_fonts", "ood_noise", "OOD avg", "eff. robustness", "train s",
-                      "trainable params"]
+    assert header == [
+        "method",
+        "ID",
+        "ood_fonts",
+        "ood_noise",
+        "OOD avg",
+        "eff. robustness",
+        "train s",
+        "trainable params",
+    ]
     order = ["zeroshot", "linear_probe", "finetune", "lp_ft", "aaa_method", "wise_ft"]
     assert [row[0] for row in rows] == order
     linear_probe = rows[1]

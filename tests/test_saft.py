@@ -49,8 +49,9 @@ def test_selection_is_the_brute_force_top_k_of_mean_gradient(digits_prepared, sa
     flat = torch.cat([g.abs().reshape(-1) for g in grads])
     k = round(0.002 * flat.numel())
     expected = set(torch.topk(flat, k).indices.tolist())
-    offsets = dict(zip(parameters, torch.tensor([0] + [p.numel() for p in parameters.values()]).cumsum(0).tolist(),
-                       strict=False))
+    offsets = dict(
+        zip(parameters, torch.tensor([0] + [p.numel() for p in parameters.values()]).cumsum(0).tolist(), strict=False)
+    )
     selection = load_selection(run_dir / SELECTION_FILE, model)
     chosen = {offsets[name] + i for name, index in selection.items() for i in index.tolist()}
     assert entry["active_params"] == entry["trainable_params"] == k == len(chosen)

@@ -107,8 +107,9 @@ def test_sweep_runs_each_point_once_and_resumes(shapes_config, tmp_path):
 
 
 def test_sweep_soup_wise_ose_evaluate_from_the_command_line(shapes_config, tmp_path):
-    swept = runner.invoke(app, ["sweep", str(shapes_config), "--grid", "optim.lr=1e-4,1e-3",
-                                "--set", f"output_dir={tmp_path}"])
+    swept = runner.invoke(
+        app, ["sweep", str(shapes_config), "--grid", "optim.lr=1e-4,1e-3", "--set", f"output_dir={tmp_path}"]
+    )
     assert swept.exit_code == 0, swept.output
     sweep_dir = tmp_path / "ft"
     assert "lr=0.001" in swept.output and (sweep_dir / "lr=0.0001" / "results.json").is_file()
@@ -142,8 +143,19 @@ def test_sweep_soup_wise_ose_evaluate_from_the_command_line(shapes_config, tmp_p
 
 
 def test_a_diverging_point_fails_alone_and_the_command_says_so(shapes_config, tmp_path):
-    result = runner.invoke(app, ["sweep", str(shapes_config), "--grid", "optim.lr=1e-4,1e12",
-                                 "--set", f"output_dir={tmp_path}", "--set", "train.grad_clip=null"])
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            str(shapes_config),
+            "--grid",
+            "optim.lr=1e-4,1e12",
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "train.grad_clip=null",
+        ],
+    )
     assert result.exit_code == 1, result.output
     manifest = json.loads((tmp_path / "ft" / "sweep.json").read_text())
     assert [p["status"] for p in manifest["points"]] == ["trained", "failed"]

@@ -80,8 +80,9 @@ def test_interpolation_is_the_convex_combination_tensor_by_tensor(thetas, alpha)
 def test_interpolation_is_exact_on_representable_values():
     mixed = interpolate_state_dicts({"w": torch.zeros(3)}, {"w": torch.full((3,), 2.0)}, 0.25)
     assert torch.equal(mixed["w"], torch.full((3,), 0.5))
-    half = interpolate_state_dicts({"w": torch.ones(2, dtype=torch.bfloat16)},
-                                   {"w": torch.full((2,), 3.0, dtype=torch.bfloat16)}, 0.5)
+    half = interpolate_state_dicts(
+        {"w": torch.ones(2, dtype=torch.bfloat16)}, {"w": torch.full((2,), 3.0, dtype=torch.bfloat16)}, 0.5
+    )
     assert half["w"].dtype == torch.bfloat16 and torch.equal(half["w"], torch.full((2,), 2.0, dtype=torch.bfloat16))
 
 
@@ -104,8 +105,9 @@ def test_mismatched_architectures_and_heads_are_refused_naming_the_keys():
     message = str(info.value)
     assert "2 shape mismatches" in message and "head.weight (10, 3) vs (5, 3)" in message and "\n" not in message
     with pytest.raises(WeightSpaceError, match=r"1 missing keys \(backbone.w\); 1 unexpected keys \(backbone.v\)"):
-        interpolate_state_dicts(theta_0, {**{k: v for k, v in theta_0.items() if k != "backbone.w"},
-                                          "backbone.v": torch.zeros(4, 3)}, 0.5)
+        interpolate_state_dicts(
+            theta_0, {**{k: v for k, v in theta_0.items() if k != "backbone.w"}, "backbone.v": torch.zeros(4, 3)}, 0.5
+        )
 
 
 @pytest.mark.parametrize("name", ["resnet10t", "vit_tiny_patch16_224"])
@@ -139,8 +141,12 @@ def _point(alpha: float, id_val: float | None, id_test: float, ood: float) -> Cu
 
 
 def test_pick_on_id_val_breaks_ties_towards_zero_shot_and_ignores_test_numbers():
-    curve = [_point(0.0, 80.0, 70.0, 90.0), _point(0.3, 85.0, 75.0, 80.0), _point(0.6, 85.0, 99.0, 60.0),
-             _point(1.0, 84.0, 98.0, 50.0)]
+    curve = [
+        _point(0.0, 80.0, 70.0, 90.0),
+        _point(0.3, 85.0, 75.0, 80.0),
+        _point(0.6, 85.0, 99.0, 60.0),
+        _point(1.0, 84.0, 98.0, 50.0),
+    ]
     assert pick_alpha_on_id_val(curve) == 0.3
     assert oracle_alpha(curve, "id") == 0.6 and oracle_alpha(curve, "ood_avg") == 0.0
     assert choose_alpha(curve, None) == (0.3, "id_val") and choose_alpha(curve, 0.6) == (0.6, "config")
@@ -159,8 +165,10 @@ def test_alpha_picked_on_id_val_does_not_change_when_test_labels_are_perturbed(s
         return ctx.extras
 
     data_config = small.model.data_config
-    perturbed_splits = {name: relabelled(split, data_config) if name == "id_test" or name.startswith("ood_")
-                        else split for name, split in small.ctx.splits.items()}
+    perturbed_splits = {
+        name: relabelled(split, data_config) if name == "id_test" or name.startswith("ood_") else split
+        for name, split in small.ctx.splits.items()
+    }
     honest, perturbed = sweep(small.ctx.splits, "honest"), sweep(perturbed_splits, "perturbed")
     assert [p["id_val"] for p in perturbed["curve"]] == [p["id_val"] for p in honest["curve"]]
     assert all(p["id"] < 20 < 60 < q["id"] for p, q in zip(perturbed["curve"], honest["curve"], strict=True))
@@ -222,17 +230,28 @@ def test_wise_ft_needs_its_inputs_before_any_work(small, tmp_path):
         posthoc_run(small, tmp_path, "wise_ft")
     with pytest.raises(CheckpointError, match="not found"):
         posthoc_run(small, tmp_path, "wise_ft", finetuned_run=tmp_path)
-    no_val = dataclasses.replace(small, ctx=dataclasses.replace(
-        small.ctx, splits={k: v for k, v in small.ctx.splits.items() if k != "id_val"}))
+    no_val = dataclasses.replace(
+        small, ctx=dataclasses.replace(small.ctx, splits={k: v for k, v in small.ctx.splits.items() if k != "id_val"})
+    )
     with pytest.raises(ConfigError, match="no id_val split"):
         posthoc_run(no_val, tmp_path, "wise_ft", finetuned_run=tmp_path)
 
 
 def test_report_shows_the_sweep_picks_and_curve_figures(tmp_path):
-    curve = [{"alpha": a, "id": 80 + 15 * a, "ood_avg": 90 - 10 * (a - 0.3) ** 2, "ood": {}, "id_val": 80 + 14 * a}
-             for a in (0.0, 0.5, 1.0)]
-    entry = {"id": 87.5, "ood": {"ood_x": 89.6}, "ood_avg": 89.6, "alpha": 0.5, "alpha_chosen_on": "id_val",
-             "oracle_alpha_id": 1.0, "oracle_alpha_ood": 0.0, "curve": curve}
+    curve = [
+        {"alpha": a, "id": 80 + 15 * a, "ood_avg": 90 - 10 * (a - 0.3) ** 2, "ood": {}, "id_val": 80 + 14 * a}
+        for a in (0.0, 0.5, 1.0)
+    ]
+    entry = {
+        "id": 87.5,
+        "ood": {"ood_x": 89.6},
+        "ood_avg": 89.6,
+        "alpha": 0.5,
+        "alpha_chosen_on": "id_val",
+        "oracle_alpha_id": 1.0,
+        "oracle_alpha_ood": 0.0,
+        "curve": curve,
+    }
     soup = {"id": 90.0, "ood": {"ood_x": 80.0}, "ood_avg": 80.0, "ingredients": ["a", "b", "c"], "kept": ["a"]}
     results = {"benchmark": "digits", "seed": 0, "methods": {"wise_ft": entry, "greedy_soup": soup}}
     text = write_report(results, tmp_path).read_text()
@@ -241,5 +260,7 @@ def test_report_shows_the_sweep_picks_and_curve_figures(tmp_path):
     assert "| greedy_soup | 3 | 1 | 90.00 | 80.00 |" in text
     png = tmp_path / "wise_ft_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.with_suffix(".svg").is_file()
-    assert "Mixing-coefficient" not in write_report({**results, "methods": {"greedy_soup": soup}},
-                                                    tmp_path / "plain").read_text()
+    assert (
+        "Mixing-coefficient"
+        not in write_report({**results, "methods": {"greedy_soup": soup}}, tmp_path / "plain").read_text()
+    )

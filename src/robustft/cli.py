@@ -32,8 +32,14 @@ def demo(
 
     start = time.perf_counter()
     chosen = parse_methods_option(methods)
-    results = run_demo(out, seed=seed, methods=chosen, epochs=epochs, log=console.print,
-                       seeds=parse_seeds_option(seeds) if seeds else None)
+    results = run_demo(
+        out,
+        seed=seed,
+        methods=chosen,
+        epochs=epochs,
+        log=console.print,
+        seeds=parse_seeds_option(seeds) if seeds else None,
+    )
     print_leaderboard(results["leaderboard"], console)
     console.print(f"total time: {time.perf_counter() - start:.1f}s; report: {out / 'report.md'}")
 
@@ -177,8 +183,13 @@ def methods_command() -> None:
         options = method_options_help(cls) or [("-", "", "")]
         for i, (option, default, description) in enumerate(options):
             first = i == 0
-            table.add_row(name if first else "", ("yes" if cls.trains else "no") if first else "",
-                          option, repr(default) if option != "-" else "", description)
+            table.add_row(
+                name if first else "",
+                ("yes" if cls.trains else "no") if first else "",
+                option,
+                repr(default) if option != "-" else "",
+                description,
+            )
     console.print(table)
 
 
@@ -340,8 +351,16 @@ def compare(
     chosen = parse_methods_option(methods) if methods else parse_methods_option(",".join(settings.methods or []))
     chosen_seeds = parse_seeds_option(seeds) if seeds else settings.seeds or [base.seed]
     directory = out or base.output_dir / base.name
-    comparison = execute_comparison(base, chosen, chosen_seeds, directory, log=console.print,
-                                    progress=base.train.progress, settings=settings, source=str(config))
+    comparison = execute_comparison(
+        base,
+        chosen,
+        chosen_seeds,
+        directory,
+        log=console.print,
+        progress=base.train.progress,
+        settings=settings,
+        source=str(config),
+    )
     if comparison.leaderboard is None:
         raise typer.Exit(1)
     print_leaderboard(comparison.leaderboard, console)

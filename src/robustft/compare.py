@@ -143,8 +143,10 @@ def split_pair(name: str) -> tuple[str | None, str]:
             f"--methods {name}: '{posthoc}' does not combine one fine-tuned run (wise_ft, output_ensemble, vrf do)"
         )
     if combines_runs(base_cls) or not base_cls.trains or base == FINETUNED:
-        raise ConfigError(f"--methods {name}: the base must be a trained method other than finetune "
-                          f"(over finetune, write plain '{posthoc}')")
+        raise ConfigError(
+            f"--methods {name}: the base must be a trained method other than finetune "
+            f"(over finetune, write plain '{posthoc}')"
+        )
     return base, posthoc
 
 

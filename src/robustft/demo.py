@@ -79,8 +79,17 @@ def run_demo(
     base = demo_config("finetune", seeds[0], out, epochs, progress=progress)
     settings = CompareSection(optim=METHOD_OPTIM, soup_learning_rates=list(SOUP_LEARNING_RATES))
     comparison = execute_comparison(
-        base, methods, seeds, out, log=log, progress=progress, settings=settings, references=False,
-        seed_dirs=len(seeds) > 1, source="demo", title="robustft demo: digits-shift",
+        base,
+        methods,
+        seeds,
+        out,
+        log=log,
+        progress=progress,
+        settings=settings,
+        references=False,
+        seed_dirs=len(seeds) > 1,
+        source="demo",
+        title="robustft demo: digits-shift",
     )
     merged = dict(comparison.per_seed[seeds[0]])
     merged["total_seconds"] = time.perf_counter() - start

@@ -66,9 +66,7 @@ def check_compatible(reference: StateDict, other: StateDict, what: str = "the st
         if keys
     ]
     if problems:
-        raise WeightSpaceError(
-            f"cannot combine {what}: different architectures or heads: " + "; ".join(problems)
-        )
+        raise WeightSpaceError(f"cannot combine {what}: different architectures or heads: " + "; ".join(problems))
 
 
 def _accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -531,7 +529,6 @@ def record_sweep(ctx: RunContext, method: str, curve: Sequence[CurvePoint], alph
         f"{method}: alpha={alpha:g} (chosen on {chosen_by}): ID {best.id:.2f}, OOD avg {best.ood_avg:.2f}; "
         f"oracle alphas: best ID {extras['oracle_alpha_id']:g}, best OOD {extras['oracle_alpha_ood']:g}"
     )
-
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -138,8 +138,9 @@ def fit(
         save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
     scaling = config.evaluate.temperature_scaling
     with eval_memory_advice(config, ctx.device):
-        metrics = evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers,
-                                  temperature_scaling=scaling)
+        metrics = evaluate_splits(
+            predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers, temperature_scaling=scaling
+        )
     entry = summarize(metrics)
     entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
     entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}

@@ -203,5 +203,3 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, parameter: Tensor, o
     for key, value in state.items():
         if isinstance(value, Tensor) and value.shape == parameter.shape:
             state[key] = torch.where(kept, value[position], torch.zeros((), dtype=value.dtype, device=value.device))
-
-

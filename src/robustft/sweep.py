@@ -176,8 +176,13 @@ def write_manifest(sweep: Sweep, config: Path | str, axes: Sequence[GridAxis]) -
         "config": str(config),
         "grid": {key: values for key, values in axes},
         "points": [
-            {"name": p.name, "overrides": p.overrides, "run_dir": str(p.run_dir), "status": p.status,
-             **({"error": p.error} if p.error else {})}
+            {
+                "name": p.name,
+                "overrides": p.overrides,
+                "run_dir": str(p.run_dir),
+                "status": p.status,
+                **({"error": p.error} if p.error else {}),
+            }
             for p in sweep.points
         ],
     }

@@ -50,9 +50,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
-        raise CheckpointError(
-            f"{path}: cannot read safetensors file, truncated or corrupt ({error})"
-        ) from error
+        raise CheckpointError(f"{path}: cannot read safetensors file, truncated or corrupt ({error})") from error
 
 
 def _read_pickle(path: Path) -> object:
@@ -146,9 +144,7 @@ def _packed_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return packed
 
 
-def load_state_dict_strict(
-    module: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str
-) -> None:
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str) -> None:
     """Load ``state`` into ``module`` only if every key and shape matches; the module is untouched otherwise.
 
     ``nn.Module.load_state_dict`` reports every mismatch in one multi-kilobyte message; this names

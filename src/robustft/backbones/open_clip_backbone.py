@@ -99,9 +99,7 @@ def register_open_clip_config(path: str | Path) -> str:
     name = path.stem
     if name in open_clip.list_models():
         if open_clip.get_model_config(name) != config:
-            raise ConfigError(
-                f"model.name: {path} would replace open_clip's existing config '{name}'; rename the file"
-            )
+            raise ConfigError(f"model.name: {path} would replace open_clip's existing config '{name}'; rename the file")
         return name
     open_clip.add_model_config(path)
     return name
@@ -158,9 +156,7 @@ def _create(name: str, kwargs: dict[str, Any], quiet: bool) -> nn.Module:
                 name, pretrained=None, pretrained_image=False, pretrained_text=False, **kwargs
             )
     except (TypeError, ValueError, AssertionError, KeyError) as error:
-        raise ConfigError(
-            f"model.model_kwargs: open_clip cannot build '{name}' with {kwargs}: {error}"
-        ) from error
+        raise ConfigError(f"model.model_kwargs: open_clip cannot build '{name}' with {kwargs}: {error}") from error
 
 
 @contextmanager

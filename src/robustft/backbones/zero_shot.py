@@ -66,15 +66,11 @@ def prototype_head(embeddings: Tensor, labels: Tensor, num_classes: int, scale: 
         )
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"prototype_head: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
-        )
+        raise ValueError(f"prototype_head: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     counts = torch.bincount(labels, minlength=num_classes)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(
-            f"prototype_head: class {empty[0]} has no example (classes without examples: {empty})"
-        )
+        raise ValueError(f"prototype_head: class {empty[0]} has no example (classes without examples: {empty})")
     normed = F.normalize(embeddings.detach().float(), dim=1)
     sums = torch.zeros(num_classes, normed.shape[1], device=normed.device).index_add_(0, labels, normed)
     means = sums / counts.unsqueeze(1).to(sums.dtype)

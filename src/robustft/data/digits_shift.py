@@ -211,8 +211,10 @@ def build_splits(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(10_000 + seed)
     blocky, labels, roles = handwritten_digits("nearest")
     smooth, _, _ = handwritten_digits("bicubic")
-    splits = {role: (compose(blocky[roles[role]], ID_STYLE, generator), labels[roles[role]])
-              for role in ("train", "id_val", "id_test")}
+    splits = {
+        role: (compose(blocky[roles[role]], ID_STYLE, generator), labels[roles[role]])
+        for role in ("train", "id_val", "id_test")
+    }
     test_masks, test_labels = smooth[roles["id_test"]], labels[roles["id_test"]]
     held_out = font_glyphs(HELD_OUT_FONTS)
     held_out_labels = font_glyph_labels(len(HELD_OUT_FONTS))

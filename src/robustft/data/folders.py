@@ -161,9 +161,7 @@ def _label_index(label: str, class_names: Sequence[str], index: dict[str, int]) 
     return number if 0 <= number < len(class_names) else None
 
 
-def read_csv_manifest(
-    path: str | Path, class_names: Sequence[str], root: str | Path | None = None
-) -> list[Sample]:
+def read_csv_manifest(path: str | Path, class_names: Sequence[str], root: str | Path | None = None) -> list[Sample]:
     """Samples from a CSV with a header and columns ``path,label[,domain]`` (others ignored).
 
     Manifests let one image pool serve several splits and carry a ``domain`` per image, which

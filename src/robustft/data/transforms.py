@@ -24,9 +24,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def build_transform(
-    data_config: dict[str, Any], train: bool, augment: bool = False
-) -> Callable[[Image.Image], Tensor]:
+def build_transform(data_config: dict[str, Any], train: bool, augment: bool = False) -> Callable[[Image.Image], Tensor]:
     """The PIL image -> normalised tensor transform for one split.
 
     Without ``augment`` the training transform is the eval transform (resize, centre crop,

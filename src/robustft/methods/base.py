@@ -162,6 +162,4 @@ def list_methods() -> list[str]:
 
 def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
     """(option, default, description) for ``robustft methods``."""
-    return [
-        (name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()
-    ]
+    return [(name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()]

@@ -129,8 +129,10 @@ class GMixout(Method):
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
         if not names:
-            raise ConfigError(f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
-                              f"include={cfg.include!r} exclude={cfg.exclude!r}")
+            raise ConfigError(
+                f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
+                f"include={cfg.include!r} exclude={cfg.exclude!r}"
+            )
         if not cfg.train_others:
             model.requires_grad_(False)
         device = model.get_parameter(names[0]).device

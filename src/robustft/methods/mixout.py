@@ -140,8 +140,10 @@ class Mixout(Method):
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
         if not names:
-            raise ConfigError(f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} "
-                              f"include={cfg.include!r} exclude={cfg.exclude!r}")
+            raise ConfigError(
+                f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} "
+                f"include={cfg.include!r} exclude={cfg.exclude!r}"
+            )
         mixed = sum(model.get_parameter(name).numel() for name in names)
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         apply_mixout(model, names, cfg.p, cfg.granularity, cfg.gradient == "official")
