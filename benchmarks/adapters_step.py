@@ -38,7 +38,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from bench_support import build_model, read_status
+from bench_support import build_model, engine_session, read_status, timed_session_steps
 
 VARIANTS = ("finetune", "lora", "lora_peft", "moa_lora", "moa_kadaptation")
 LORA_RANK, LORA_ALPHA = 8, 16.0
@@ -81,38 +81,17 @@ def worker(args: argparse.Namespace) -> dict:
                      [str(i) for i in range(10)], eval_batch_size=args.batch, log=lambda message: None)  # fmt: skip
     method, model = prepare_variant(args.worker, model, ctx)
     model.to(device)
-    groups = method.parameter_groups(model, 0.1)
-    optimizer = torch.optim.AdamW(groups, lr=1e-4)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     bf16 = device.type == "cuda" and args.precision != "fp32"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
-    model.train()
-
-    def step(index: int) -> None:
-        with autocast():
-            loss, logs = method.loss(model, (images, labels), index)
-        loss.backward()
-        float(loss.detach())
-        {key: float(value) for key, value in logs.items()}  # the engine's per-step log conversion
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    precision = "bf16" if bf16 else "fp32"
+    session = engine_session(method, model, images, labels, device, precision, total_steps=args.warmup + args.steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_before = read_status("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
-    for index in range(args.warmup):
-        step(index)
-    sync()
-    times = []
-    for index in range(args.warmup, args.warmup + args.steps):
-        start = time.perf_counter()
-        step(index)
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed_session_steps(session, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else read_status("VmHWM")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     predictor = method.finalize(model, ctx) if args.worker != "lora_peft" else model

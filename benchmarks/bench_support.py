@@ -56,3 +56,47 @@ def above_curve(point: dict[str, Any], curve: list[dict[str, Any]] | None) -> fl
             t = 0.0 if high["id"] == low["id"] else (point["id"] - low["id"]) / (high["id"] - low["id"])
             return point["ood_avg"] - (low["ood_avg"] + t * (high["ood_avg"] - low["ood_avg"]))
     return None
+
+
+def engine_session(
+    method: Any,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    precision: str = "auto",
+    lr: float = 1e-4,
+    total_steps: int = 1000,
+):
+    """The engine's own training session on one fixed batch: AdamW (weight decay 0.1), a constant rate,
+    clipping at 1.0, ``precision`` as ``train.precision`` (auto: bf16 on GPU). ``session.step()`` is one
+    step of ``robustft fit``, so a benchmark times the engine's step instead of a copy of it."""
+    from robustft.config import OptimConfig, TrainConfig
+    from robustft.engine import Engine, repeat_batch
+
+    train = TrainConfig(steps=total_steps, grad_clip=1.0, precision=precision, progress=False)
+    optim = OptimConfig(lr=lr, weight_decay=0.1, schedule="constant", warmup_fraction=0.0)
+    engine = Engine(train, optim, len(labels))
+    model.train()
+    return engine.start(method, model, repeat_batch(images, labels), device, total_steps)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_session_steps(session: Any, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` engine steps after ``warmup`` untimed ones (device synchronised)."""
+    import time
+
+    for _ in range(warmup):
+        session.step()
+    synchronize(session.device)
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        session.step()
+        synchronize(session.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds

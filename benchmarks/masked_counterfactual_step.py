@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from bench_support import engine_session, synchronize
 from torch import nn
 
 from robustft.backbones.classifier import ImageClassifier
@@ -53,34 +54,20 @@ def timm_setup(name: str, batch: int, num_classes: int = 1000) -> tuple[ImageCla
 
 
 def timed_steps(method: Method, model: nn.Module, batches: list, device: torch.device, precision: str) -> callable:
-    """A closure doing one engine-like optimiser step on the next batch; returns its seconds."""
+    """A closure doing one engine step (``Engine.start(...).step()``) on the next batch; returns its seconds."""
     ctx = RunContext(run_dir=Path("/tmp/robustft-bench"), device=device, seed=0, splits={}, class_names=[])
     model = method.prepare(model, ctx)
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, 0.1), lr=1e-5)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    model.train()
-    state = {"step": 0}
+    session = engine_session(method, model, *batches[0], device, precision, lr=1e-5)
+    session.batches = ((images, labels, 1.0) for images, labels in itertools.cycle(batches))
 
     def step() -> float:
-        images, labels = batches[state["step"] % len(batches)]
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
-        with autocast:
-            loss, _ = method.loss(model, (images, labels), state["step"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        state["step"] += 1
+        session.step()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ backbone of an ``ImageClassifier`` with a 10-class linear head, on random uint8 
 size in ``TensorSplit`` splits (``train`` and ``id_val``, two batches each, for the methods' pre-passes).
 
 Training (every registered method with ``trains``): the method's hooks in the engine's order --
-``prepare``, ``setup``, ``parameter_groups``, ``engine.build_optimizer``, ``bind_optimizer`` -- then each step
-is the engine's own ``Engine._step`` (loss under ``Engine.autocast``: bf16 on CUDA, fp32 on CPU; backward;
-``after_backward``; clip; optimiser step) followed, as in ``Engine.fit``, by the LR schedule and
-``after_step``. The demo recipe's optimiser and clipping (``robustft.demo.demo_config``) are used. The batch
+``prepare``, ``setup``, then ``Engine.start`` (``parameter_groups``, the optimiser, ``bind_optimizer``); each
+step is the engine's own ``TrainingSession.step()``, exactly a step of ``Engine.fit`` (loss under the run's
+precision: bf16 on CUDA, fp32 on CPU; backward; ``after_backward``; clip; optimiser step; LR schedule;
+``after_step``). The demo recipe's optimiser and clipping (``robustft.demo.demo_config``) are used. The batch
 is one fixed batch already on the device, so data loading is not timed. ``--steps`` timed steps follow
 ``--warmup`` steps (CUDA synchronised around each); the median is reported.
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import itertools
 import json
 import os
 import platform
@@ -171,7 +170,7 @@ def peak_memory(device: torch.device) -> int:
 
 def train_method(name: str, setup: Setup, args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module]:
     """Time ``--steps`` engine steps of ``name``; returns the measurements and its finalised predictor."""
-    from robustft.engine import Engine, build_optimizer, warmup_cosine
+    from robustft.engine import Engine, repeat_batch
     from robustft.methods import get_method
     from robustft.runner import count_trainable
 
@@ -186,27 +185,20 @@ def train_method(name: str, setup: Setup, args: argparse.Namespace) -> tuple[dic
     method.setup(model, ctx)
     memory_before = reset_peak_memory(device)
     engine = Engine(train, optim, args.batch)
-    optimizer = build_optimizer(method.parameter_groups(model, optim.weight_decay), optim)
     total = args.warmup + args.steps
-    warmup_steps = int(optim.warmup_fraction * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total, warmup_steps, optim.schedule)
-    )
-    method.bind_optimizer(optimizer)
-    batches = itertools.repeat((setup.images, setup.labels, 1.0))
+    session = engine.start(method, model, repeat_batch(setup.images, setup.labels), device, total)
+    optimizer, scheduler = session.optimizer, session.scheduler
     model.train()
     seconds = []
     synchronize(device)
     for step in range(total):
         start = time.perf_counter()
-        engine._step(method, model, optimizer, batches, device, step)
-        scheduler.step()
-        method.after_step(model, step)
+        session.step()
         synchronize(device)
         if step >= args.warmup:
             seconds.append(time.perf_counter() - start)
     peak = peak_memory(device)
-    del optimizer, scheduler
+    del optimizer, scheduler, session
     predictor = method.finalize(model, ctx)
     median = statistics.median(seconds)
     entry = {

@@ -28,11 +28,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_support import build_model, read_status
+from bench_support import build_model, engine_session, read_status, timed_session_steps
 
 METHODS = ("finetune", "mixout", "gmixout", "saft")
 
@@ -63,33 +62,14 @@ def worker(args: argparse.Namespace) -> dict:
     method = get_method(args.worker)()
     model = method.prepare(model, ctx)
     method.setup(model, ctx)
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, 0.1), lr=1e-4)
-    model.train()
-
-    def step(index: int) -> None:
-        loss, _ = method.loss(model, (images, labels), index)
-        loss.backward()
-        method.after_backward(model, index)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_step(model, index)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    session = engine_session(method, model, images, labels, device, total_steps=args.warmup + args.steps)
+    optimizer = session.optimizer
     rss_before = read_status("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
-    for index in range(args.warmup):
-        step(index)
-    sync()
-    times = []
-    for index in range(args.warmup, args.warmup + args.steps):
-        start = time.perf_counter()
-        step(index)
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed_session_steps(session, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else read_status("VmHWM")
     updates = sparse_updates(model)
     return {

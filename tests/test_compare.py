@@ -26,6 +26,7 @@ from robustft.compare import (
 from robustft.data.tensor_split import TensorSplit
 from robustft.demo import demo_config
 from robustft.errors import ConfigError
+from robustft.methods import method_options
 from robustft.robustness import effective_robustness, ood_average, tradeoff_line
 from robustft.runner import Prepared
 
@@ -180,7 +181,7 @@ def test_soups_get_ingredients_and_per_method_learning_rates(tmp_path):
     assert by_name["lora"].config.optim.lr == 1e-3 and by_name["finetune"].config.optim.lr == 3e-4
     ingredient = by_name["lr=0.0001"]
     assert ingredient.config.optim.lr == 1e-4 and ingredient.run_dir.parent.name == compare.INGREDIENTS_DIR
-    soup = by_name["uniform_soup"].config.method_options()
+    soup = method_options(by_name["uniform_soup"].config)
     assert [str(run) for run in soup.ingredients] == [str(tmp_path / "finetune"), str(ingredient.run_dir)]
     assert all(plan.config.seed == 3 for plan in plans)
     assert compare.default_soup_learning_rates(3e-4) == [1e-4, 9e-4]
@@ -196,7 +197,7 @@ def test_compare_section_and_options_errors(tmp_path):
     base, settings = load_compare_config(config, ["compare.methods=[finetune,lora]"])
     assert settings.seeds == [0, 2] and settings.methods == ["finetune", "lora"]
     lora = next(p for p in plan_seed(base, ["lora"], 0, tmp_path, settings) if p.method == "lora")
-    assert lora.config.method_options().rank == 4 and lora.config.optim.lr == 0.001
+    assert method_options(lora.config).rank == 4 and lora.config.optim.lr == 0.001
     config.write_text(yaml.safe_dump({"compare": {"sedes": [0]}}))
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'compare\.sedes'"):
         load_compare_config(config)

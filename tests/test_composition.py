@@ -13,7 +13,7 @@ from posthoc_support import bits_equal, quiet, small_prepared
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.evaluate import predict
-from robustft.methods import base, get_method
+from robustft.methods import base, get_method, method_options
 from robustft.methods.base import Method
 from robustft.posthoc import WeightSpaceError, composed_name, load_run_predictor
 from robustft.runner import FINAL_CHECKPOINT, evaluate_run, fit
@@ -122,7 +122,7 @@ def test_vrf_over_a_mixture_of_adapters_run_keeps_the_routed_adapters_and_reload
     entry = fit(config, log=quiet, prepared=small)["methods"]["mixture_of_adapters+vrf"]
     saved = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
     assert any(key.startswith("finetuned.") and "router" in key for key in saved)
-    method = get_method("vrf")(config.method_options())
+    method = get_method("vrf")(method_options(config))
     predictor = method.load_predictor(copy.deepcopy(small.model), config.run_dir / FINAL_CHECKPOINT, "the model")
     logits, labels = predict(predictor, small.ctx.splits["id_test"], small.ctx.device, 64)
     assert 100 * (logits.argmax(dim=1) == labels).float().mean().item() == pytest.approx(entry["id"])

@@ -12,6 +12,7 @@ from posthoc_support import bits_equal, finetune, posthoc_run, small_prepared
 from robustft.backbones.checkpoint_files import load_state_dict_file, save_state_dict_file
 from robustft.config import parse_config
 from robustft.errors import ConfigError
+from robustft.methods import build_method
 from robustft.posthoc import WeightSpaceError, find_runs, greedy_soup, uniform_soup
 from robustft.runner import FINAL_CHECKPOINT
 
@@ -126,6 +127,6 @@ def test_ingredient_folders_expand_to_their_finished_non_posthoc_runs(small, ing
     with pytest.raises(ConfigError, match="no finished runs"):
         find_runs(tmp_path)
     config = parse_config({"method": {"name": "greedy_soup", "ingredients": [str(sweep), str(ingredients[0])]}})
-    assert config.method_options().runs() == sorted(ingredients)  # each run once
+    assert build_method(config).input_runs() == sorted(ingredients)  # each run once
     with pytest.raises(ConfigError, match="method.ingredients"):
         posthoc_run(small, tmp_path, "uniform_soup")

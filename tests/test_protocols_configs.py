@@ -10,6 +10,7 @@ from PIL import Image
 from robustft.config import parse_config, read_config_yaml
 from robustft.data.protocols import get_protocol, parse_options
 from robustft.domainbed import plan_domainbed
+from robustft.methods import method_options
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -26,7 +27,7 @@ def test_run_config_parses_with_valid_protocol_options(path):
     protocol = config.data.protocol
     assert protocol is not None and config.model.source == "open_clip"
     parse_options(get_protocol(protocol.name), protocol.options)  # raises ConfigError on a bad option
-    assert config.method_options() is not None
+    assert method_options(config) is not None
     text = path.read_text()
     assert "Recipe" in text or "recipe" in text  # each documents the paper's recipe and its reference numbers
     assert "Reference" in text

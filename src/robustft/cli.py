@@ -54,12 +54,14 @@ def fit_command(
     ] = 1,
 ) -> None:
     """Train one method from a config; writes the run directory (config, metrics, checkpoints, results)."""
-    from robustft import distributed
     from robustft.config import load_config
+    from robustft.methods import checked
+
+    run_config = checked(load_config(config, overrides), str(config))
+    from robustft import distributed
     from robustft.report import print_table
     from robustft.runner import fit
 
-    run_config = load_config(config, overrides)
     if devices > 1 and distributed.launched_world_size() == 1:
         distributed.check_batch_size(run_config.data.batch_size, devices)
         arguments = ["fit", str(config), *(f"--set={item}" for item in overrides or []), *(["--resume"] * resume)]
@@ -109,20 +111,45 @@ def _number(value: float | None) -> str:
 AlphasOption = Annotated[str | None, typer.Option(help="comma-separated alphas to evaluate (default 0,0.1,...,1)")]
 AlphaOption = Annotated[float | None, typer.Option(help="use this alpha instead of the best on id_val")]
 PosthocOut = Annotated[Path | None, typer.Option(help="directory for the new run (default: RUN_DIR)")]
+MethodSetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="a method option (alpha=0.5) or a config key (data.eval_batch_size=128); repeatable"),
+]
 
 
-def _alpha_options(alphas: str | None, alpha: float | None) -> dict[str, object]:
+@app.command()
+def posthoc(
+    method: Annotated[str, typer.Argument(help="a post-hoc method (wise_ft, output_ensemble, vrf, uniform_soup, ...)")],
+    runs: Annotated[list[Path], typer.Argument(help="the finished run(s) it combines (soups: runs or sweep folders)")],
+    overrides: MethodSetOption = None,
+    out: Annotated[Path | None, typer.Option(help="directory for the new run (default: the input run)")] = None,
+) -> None:
+    """Any post-hoc method over finished runs, with its own options (`robustft methods` lists them);
+    writes <out>/<method>/."""
+    _posthoc(method, runs, overrides or [], out)
+
+
+def _alpha_overrides(alphas: str | None, alpha: float | None) -> list[str]:
     from robustft.errors import ConfigError
 
-    options: dict[str, object] = {}
+    items = []
     if alphas:
         try:
-            options["alphas"] = [float(a) for a in alphas.split(",") if a.strip()]
+            items.append(f"alphas=[{','.join(str(float(a)) for a in alphas.split(',') if a.strip())}]")
         except ValueError:
             raise ConfigError(f"--alphas {alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
     if alpha is not None:
-        options["alpha"] = alpha
-    return options
+        items.append(f"alpha={alpha}")
+    return items
+
+
+def _posthoc(method: str, runs: list[Path], overrides: list[str], out: Path | None) -> None:
+    from robustft.commands.posthoc import run_posthoc
+    from robustft.report import print_table
+
+    results = run_posthoc(method, runs, overrides, out, log=console.print)
+    print_table(results, console)
+    console.print(f"run directory: {(out or (runs[0] if len(runs) == 1 else runs[0].parent)) / method}")
 
 
 @app.command()
@@ -130,10 +157,11 @@ def wise(
     run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
     alphas: AlphasOption = None,
     alpha: AlphaOption = None,
+    overrides: MethodSetOption = None,
     out: PosthocOut = None,
 ) -> None:
-    """WiSE-FT: interpolate the run's zero-shot and fine-tuned weights; writes <out>/wise_ft/."""
-    _posthoc("wise_ft", run_dir, _alpha_options(alphas, alpha), out)
+    """WiSE-FT over a run (`robustft posthoc wise_ft RUN_DIR`); writes <out>/wise_ft/."""
+    _posthoc("wise_ft", [run_dir], [*_alpha_overrides(alphas, alpha), *(overrides or [])], out)
 
 
 @app.command()
@@ -141,19 +169,30 @@ def ose(
     run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
     alphas: AlphasOption = None,
     alpha: AlphaOption = None,
+    overrides: MethodSetOption = None,
     out: PosthocOut = None,
 ) -> None:
-    """Output-space ensemble of the run's zero-shot and fine-tuned models; writes <out>/output_ensemble/."""
-    _posthoc("output_ensemble", run_dir, _alpha_options(alphas, alpha), out)
+    """Output-space ensemble over a run (`robustft posthoc output_ensemble RUN_DIR`); writes <out>/output_ensemble/."""
+    _posthoc("output_ensemble", [run_dir], [*_alpha_overrides(alphas, alpha), *(overrides or [])], out)
 
 
-def _posthoc(method: str, run_dir: Path, options: dict[str, object], out: Path | None) -> None:
-    from robustft.posthoc import run_posthoc
-    from robustft.report import print_table
+@app.command()
+def vrf(
+    run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
+    overrides: MethodSetOption = None,
+    out: PosthocOut = None,
+    a: Annotated[float | None, typer.Option(hidden=True)] = None,
+    b: Annotated[float | None, typer.Option(hidden=True)] = None,
+    k: Annotated[float | None, typer.Option(hidden=True)] = None,
+    distance: Annotated[str | None, typer.Option(hidden=True)] = None,
+    pick_on_id_val: Annotated[bool, typer.Option(hidden=True)] = False,
+) -> None:
+    """VRF over a run (`robustft posthoc vrf RUN_DIR --set k=10`; options: `robustft methods`); writes <out>/vrf/.
 
-    results = run_posthoc(method, run_dir, options, out, log=console.print)
-    print_table(results, console)
-    console.print(f"run directory: {(out or run_dir) / method}")
+    The older flags --a, --b, --k, --distance and --pick-on-id-val still work and mean --set a=... etc."""
+    legacy = {"a": a, "b": b, "k": k, "distance": distance, "pick_on_id_val": pick_on_id_val or None}
+    items = [f"{key}={value}" for key, value in legacy.items() if value is not None]
+    _posthoc("vrf", [run_dir], [*items, *(overrides or [])], out)
 
 
 @app.command()
@@ -163,7 +202,7 @@ def soup(
     out: Annotated[Path | None, typer.Option(help="directory for the soup runs (default: SWEEP_DIR)")] = None,
 ) -> None:
     """Model Soups over the finished runs of a sweep; writes <out>/uniform_soup/ and <out>/greedy_soup/."""
-    from robustft.posthoc import run_soups
+    from robustft.commands.posthoc import run_soups
     from robustft.report import print_table
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -172,12 +211,18 @@ def soup(
 
 @app.command("methods")
 def methods_command() -> None:
-    """List every registered method with its options and defaults."""
+    """List every registered method with its kind, options and defaults."""
     from rich.table import Table
 
     from robustft.methods import get_method, list_methods, method_options_help
+    from robustft.methods.base import PosthocMethod
 
-    table = Table("method", "trains", "option", "default", "description")
+    def kind(cls: type) -> str:
+        if issubclass(cls, PosthocMethod):
+            return "post-hoc, several runs" if cls.several_runs else "post-hoc, one run"
+        return "trains" if cls.trains else "no training"
+
+    table = Table("method", "kind", "option", "default", "description")
     for name in list_methods():
         cls = get_method(name)
         options = method_options_help(cls) or [("-", "", "")]
@@ -185,7 +230,7 @@ def methods_command() -> None:
             first = i == 0
             table.add_row(
                 name if first else "",
-                ("yes" if cls.trains else "no") if first else "",
+                kind(cls) if first else "",
                 option,
                 repr(default) if option != "-" else "",
                 description,
@@ -216,7 +261,7 @@ def cam(
     seed: Annotated[int, typer.Option(help="seed of the mask and the refill donors")] = 0,
 ) -> None:
     """PNG overlays of the CAM and of the masked and refilled images (masked-counterfactual method)."""
-    from robustft.cam import run_cam_figures
+    from robustft.commands.cam import run_cam_figures
 
     paths = run_cam_figures(target, run, out, count=count, seed=seed)
     console.print(f"wrote {len(paths)} figures to {out}")
@@ -232,21 +277,6 @@ def pretrain_digits(
 
     pretrain_digits_vit(out, steps=steps, log=console.print)
     console.print(f"wrote {out}")
-
-
-@app.command()
-def vrf(
-    run_dir: Annotated[Path, typer.Argument(help="a finished fine-tuning run")],
-    a: Annotated[float | None, typer.Option(help="w = 1/2 at d = a (default: from the ZSF set)")] = None,
-    b: Annotated[float | None, typer.Option(help="sigmoid width (default: 0.4 a)")] = None,
-    k: Annotated[float | None, typer.Option(help="k-th neighbour: count if >= 1, else fraction of the ZSF set")] = None,
-    distance: Annotated[str | None, typer.Option(help="squared_l2 (default) or l2")] = None,
-    pick_on_id_val: Annotated[bool, typer.Option(help="grid-search a, b on id_val accuracy")] = False,
-    out: PosthocOut = None,
-) -> None:
-    """VRF: sample-wise ensemble of the run's zero-shot and fine-tuned models; writes <out>/vrf/."""
-    chosen = {"a": a, "b": b, "k": k, "distance": distance, "pick_on_id_val": pick_on_id_val or None}
-    _posthoc("vrf", run_dir, {key: value for key, value in chosen.items() if value is not None}, out)
 
 
 @app.command()

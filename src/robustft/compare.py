@@ -61,7 +61,7 @@ from robustft.config import (
 from robustft.data import sequential_loader
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
-from robustft.methods import get_method, list_methods
+from robustft.methods import checked, get_method, list_methods, method_options
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
 from robustft.robustness import add_effective_robustness, ood_average
 from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
@@ -138,7 +138,7 @@ def split_pair(name: str) -> tuple[str | None, str]:
         return None, name
     base, _, posthoc = name.partition("+")
     base_cls, posthoc_cls = get_method(base), get_method(posthoc)
-    if not posthoc_cls.needs_finetuned_run:
+    if not combines_runs(posthoc_cls) or posthoc_cls.several_runs:
         raise ConfigError(
             f"--methods {name}: '{posthoc}' does not combine one fine-tuned run (wise_ft, output_ensemble, vrf do)"
         )
@@ -234,14 +234,15 @@ def plan_seed(
         run["method"] = {"name": method, **own_options.get(method, {}), **settings.options.get(method, {}), **options}
         run["optim"].update({**settings.optim.get(method, {}), **optim})
         run["train"]["progress"] = progress
-        return parse_config(run, source=f"compare: {method} (seed {seed})")
+        source = f"compare: {method} (seed {seed})"
+        return checked(parse_config(run, source=source), source)
 
     single = [name for name in methods if not combines_runs(method_class(name))]
     combined = [name for name in methods if combines_runs(method_class(name))]
     plans = [PlannedRun(name, method_kind(name), config(name, name, root, {}, {})) for name in single]
     finetuned = root / FINETUNED
     ingredients: list[Path] = []
-    if any(method_class(name).needs_ingredients for name in combined):
+    if any(method_class(name).several_runs for name in combined):
         lrs = settings.soup_learning_rates or default_soup_learning_rates(base.optim.lr)
         ingredients = [finetuned]
         for lr in lrs:
@@ -252,16 +253,9 @@ def plan_seed(
     for name in combined:
         over, method = split_pair(name)
         cls = get_method(method)
-        options: dict[str, Any] = {}
-        inputs: list[Path] = []
-        if cls.needs_finetuned_run:
-            base_run = root / over if over else finetuned
-            options["finetuned_run"] = str(base_run)
-            inputs.append(base_run)
-        if cls.needs_ingredients:
-            options["ingredients"] = [str(run) for run in ingredients]
-            inputs.extend(ingredients)
-        plans.append(PlannedRun(method, "posthoc", config(method, name, root, options, {}), inputs))
+        inputs = ingredients if cls.several_runs else [root / over if over else finetuned]
+        options = cls.input_options(inputs)
+        plans.append(PlannedRun(method, "posthoc", config(method, name, root, options, {}), list(inputs)))
     return plans
 
 
@@ -430,7 +424,8 @@ def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
         return "fresh", ""
     saved = yaml.safe_load((plan.run_dir / "config.yaml").read_text()) or {}
     planned = plan.config.model_dump(mode="json")
-    planned["method"] = {"name": plan.config.method.name, **plan.config.method_options().model_dump(mode="json")}
+    options = method_options(plan.config).model_dump(mode="json")
+    planned["method"] = {"name": plan.config.method.name, **options}
     difference = _first_difference(json.loads(json.dumps(planned)), saved)
     if difference:
         return "fresh", f"its config.yaml differs ({difference}); running it again"

@@ -161,7 +161,11 @@ class MethodConfig(BaseModel):
 
 
 class MethodSpec(BaseModel):
-    """``method: {name: <registry key>, <option>: <value>, ...}``, options checked by the method."""
+    """``method: {name: <registry key>, <option>: <value>, ...}``.
+
+    The options stay a raw mapping here, as a protocol's do: the method's own ``config_cls`` checks them
+    (``robustft.methods.method_options``), so validating a config never imports a method or torch.
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = "finetune"
@@ -193,21 +197,6 @@ class RunConfig(StrictModel):
     def run_dir(self) -> Path:
         return self.output_dir / self.name
 
-    def method_options(self) -> MethodConfig:
-        """The method's validated option object (errors name ``method.<option>``)."""
-        from robustft.methods import get_method
-
-        method_cls = get_method(self.method.name)
-        try:
-            return method_cls.config_cls(**self.method.options())
-        except ValidationError as error:
-            raise ConfigError(format_validation_errors(error, prefix=("method",))) from None
-
-    @model_validator(mode="after")
-    def _known_method(self) -> RunConfig:
-        self.method_options()
-        return self
-
 
 def format_validation_errors(error: ValidationError, prefix: tuple = ()) -> str:
     """The pydantic errors in one line, each keyed by its dotted config path (``method.p: ...``)."""
@@ -234,12 +223,26 @@ def set_key(raw: dict[str, Any], key: str, value: Any, option: str = "--set") ->
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config dict."""
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config dict.
+
+    ``method.name=<another method>`` drops the options the config gave the method it replaces (a
+    finished run's config.yaml lists every option of its own method, which the new method would refuse);
+    options set by other overrides are kept.
+    """
+    method = raw.get("method")
+    before = dict(method) if isinstance(method, dict) else {}
+    overridden: set[str] = set()
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=3e-5")
         set_key(raw, key, yaml.safe_load(value))
+        overridden.add(key.strip())
+    method = raw.get("method")
+    if isinstance(method, dict) and "method.name" in overridden and method.get("name") != before.get("name"):
+        for option in before:
+            if option != "name" and f"method.{option}" not in overridden:
+                method.pop(option, None)
     return raw
 
 
@@ -273,10 +276,12 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     return parse_config(apply_overrides(raw, overrides or []), source)
 
 
-def write_resolved_config(config: RunConfig, path: Path) -> Path:
-    """Write the fully resolved config (method options included, defaults filled in)."""
+def write_resolved_config(config: RunConfig, path: Path, options: MethodConfig | None = None) -> Path:
+    """Write the fully resolved config: defaults filled in, and the method's options as its ``options``
+    (its validated ``config_cls``) resolved them, when given."""
     data = config.model_dump(mode="json")
-    data["method"] = {"name": config.method.name, **config.method_options().model_dump(mode="json")}
+    resolved = options.model_dump(mode="json") if options is not None else config.method.options()
+    data["method"] = {"name": config.method.name, **resolved}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

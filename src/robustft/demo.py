@@ -13,6 +13,7 @@ from typing import Any
 
 from robustft.compare import INGREDIENTS_DIR, CompareSection, execute_comparison
 from robustft.config import RunConfig, parse_config
+from robustft.methods import checked
 
 # The digits-shift fine-tuning recipe every trained method shares (FT's, as the papers compare).
 DEMO_RECIPE: dict[str, Any] = {
@@ -54,7 +55,7 @@ def demo_config(
         "optim": {**DEMO_RECIPE["optim"], **METHOD_OPTIM.get(method, {}), **(optim or {})},
         "train": {**DEMO_RECIPE["train"], **train, **({"epochs": epochs} if epochs else {})},
     }
-    return parse_config(raw, source=f"demo:{method}")
+    return checked(parse_config(raw, source=f"demo:{method}"), f"demo:{method}")
 
 
 def run_demo(

@@ -190,7 +190,7 @@ def _check_reserved(keys: Sequence[str], where: str) -> None:
 
 def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan:
     """Validate the config and every run it implies; see the module docstring for the layout."""
-    from robustft.methods import get_method
+    from robustft.methods import checked, get_method
     from robustft.posthoc import combines_runs
 
     raw = copy.deepcopy(raw)
@@ -242,7 +242,7 @@ def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan
                     run = _run_raw(raw, method, point, test_domain, trial, section.holdout_fraction)
                     run.update(name=name, output_dir=str(output_dir))
                     where = f"{source} [{method.label}/{test_domain}/trial{trial}/{name}]"
-                    candidates.append(Candidate(name, point, parse_config(run, source=where)))
+                    candidates.append(Candidate(name, point, checked(parse_config(run, source=where), where)))
                 plan.cells.append(Cell(method.label, test_domain, trial, candidates))
     return plan
 

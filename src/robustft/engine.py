@@ -4,10 +4,12 @@ checkpoints and resume; it knows nothing about any method (methods fill hooks, s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +125,8 @@ class Engine:
         distributed.broadcast_module(model)  # every rank starts from rank 0's weights, as DDP does
         main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
-        warmup = int(self.optim.warmup_fraction * total)
-        optimizer = build_optimizer(groups, self.optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, total, warmup, self.optim.schedule)
-        )
+        session = self.start(method, model, iter(()), ctx.device, total, groups=groups, bind=False)
+        optimizer, scheduler = session.optimizer, session.scheduler
         state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
         resumed_from = None
@@ -145,21 +144,20 @@ class Engine:
         tracker = open_tracker(self.train, ctx.run_dir, enabled=main, resumed_from=resumed_from)
         if resumed_from is None:
             tracker.log_params(self._tracked_params())
-        batches = state.batches(train_split, ctx)
+        session.batches = state.batches(train_split, ctx)
         progress = _progress(total, state.step, enabled=self.train.progress and main)
         saved_at = resumed_from
         model.train()
         start = time.perf_counter()
         while state.step < stop_at:
+            session.step_index = state.step
             try:
-                logs = self._step(method, model, optimizer, batches, ctx.device, state.step)
+                logs = session.step()
             except NonFiniteLossError as error:
                 progress.close()
                 tracker.close()
                 kept = _kept(checkpoint_path, saved_at)
                 raise NonFiniteLossError(f"{error} at step {state.step + 1}; {kept}") from None
-            scheduler.step()
-            method.after_step(model, state.step)
             state.step += 1
             progress.update(1)
             if main and (state.step % self.train.log_every == 0 or state.step == stop_at):
@@ -174,6 +172,32 @@ class Engine:
         progress.close()
         tracker.close()
         return FitSummary(state.step, time.perf_counter() - start, resumed_from, state.step < total)
+
+    def start(
+        self,
+        method: Method,
+        model: nn.Module,
+        batches: Iterator[WeightedBatch],
+        device: torch.device,
+        total_steps: int,
+        groups: list[dict[str, Any]] | None = None,
+        bind: bool = True,
+    ) -> TrainingSession:
+        """A training session of ``method`` on ``model``: its optimiser, schedule over ``total_steps`` and batches.
+
+        ``fit`` drives one and benchmarks time one (``session.step()`` is exactly one of ``fit``'s steps),
+        so no benchmark copies the loop. ``bind`` hands the optimiser to the method (``fit`` does that
+        after restoring a checkpoint instead).
+        """
+        groups = groups if groups is not None else method.parameter_groups(model, self.optim.weight_decay)
+        warmup = int(self.optim.warmup_fraction * total_steps)
+        optimizer = build_optimizer(groups, self.optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, total_steps, warmup, self.optim.schedule)
+        )
+        if bind:
+            method.bind_optimizer(optimizer)
+        return TrainingSession(self, method, model, optimizer, scheduler, batches, device)
 
     def _tracked_params(self) -> dict[str, Any]:
         sections = {"train": self.train.model_dump(mode="json"), "optim": self.optim.model_dump(mode="json")}
@@ -210,6 +234,40 @@ class Engine:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, **logs}
+
+
+WeightedBatch = tuple[torch.Tensor, torch.Tensor, float]
+"""Images, labels and this rank's share of the global batch (1.0 on one process)."""
+
+
+@dataclass
+class TrainingSession:
+    """One method's optimiser, schedule and batch stream, stepped one optimiser step at a time."""
+
+    engine: Engine
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Iterator[WeightedBatch]
+    device: torch.device
+    step_index: int = 0
+
+    def step(self) -> dict[str, float]:
+        """One whole optimiser step as ``Engine.fit`` runs it: ``loss`` over ``grad_accumulation`` batches
+        under the run's precision, backward, ``after_backward``, clipping, the optimiser and schedule, then
+        ``after_step``. Returns the step's logs (``loss`` and the method's own)."""
+        engine, method, model = self.engine, self.method, self.model
+        logs = engine._step(method, model, self.optimizer, self.batches, self.device, self.step_index)
+        self.scheduler.step()
+        method.after_step(model, self.step_index)
+        self.step_index += 1
+        return logs
+
+
+def repeat_batch(images: torch.Tensor, labels: torch.Tensor) -> Iterator[WeightedBatch]:
+    """The same batch forever, as a session's batches (benchmarks time steps on one fixed batch)."""
+    return itertools.repeat((images, labels, 1.0))
 
 
 def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor]):

@@ -1,4 +1,4 @@
-"""Shared machinery of the post-hoc methods: WiSE-FT, output-space ensembles and Model Soups.
+"""Shared machinery of the post-hoc methods: WiSE-FT, output-space ensembles, Model Soups and VRF.
 
 A post-hoc method trains nothing. It combines finished runs (their ``checkpoints/final.safetensors``)
 with this run's zero-shot model, in weight space (WiSE-FT, soups) or in output space (OSE), into a new
@@ -22,8 +22,10 @@ import yaml
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from robustft.config import MethodConfig, RunConfig, parse_config
+from robustft.config import RunConfig, parse_config
 from robustft.errors import CheckpointError, ConfigError, RobustftError
+from robustft.layout import FINAL_CHECKPOINT, RESULTS_FILE
+from robustft.methods.base import OneRunInputs, PosthocMethod
 
 # 0, 0.1, ..., 1.0 written as decimals (0.1 * 3 is 0.30000000000000004).
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -237,15 +239,11 @@ def greedy_soup(
 
 
 def is_finished_run(path: Path) -> bool:
-    from robustft.runner import FINAL_CHECKPOINT, RESULTS_FILE
-
     return (path / RESULTS_FILE).is_file() and (path / FINAL_CHECKPOINT).is_file()
 
 
 def final_checkpoint(run_dir: str | Path) -> Path:
     """``run_dir/checkpoints/final.safetensors``, or a one-line error saying what is missing."""
-    from robustft.runner import FINAL_CHECKPOINT
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
@@ -346,13 +344,14 @@ def load_run_predictor(model: nn.Module, run_dir: str | Path, ctx: RunContext | 
         ConfigError: the run is missing, starts from another initialisation, or names an unknown method.
         CheckpointError: its checkpoint does not match the structure its method rebuilds.
     """
-    from robustft.methods import get_method
+    from robustft.methods import build_method
 
     path = final_checkpoint(run_dir)
     if ctx is not None:
         check_same_initialisation(Path(run_dir), ctx.model_spec, ctx.seed)
-    config = parse_config(read_run_config(Path(run_dir)), source=str(Path(run_dir) / "config.yaml"))
-    method = get_method(config.method.name)(config.method_options())
+    source = str(Path(run_dir) / "config.yaml")
+    config = parse_config(read_run_config(Path(run_dir)), source=source)
+    method = build_method(config, source)
     predictor = method.load_predictor(model, path, f"{config.method.name} run {run_dir}")
     return LoadedRun(predictor.eval(), config.method.name)
 
@@ -404,7 +403,7 @@ def find_runs(path: str | Path) -> list[Path]:
 
 def combines_runs(method_cls: type[Method]) -> bool:
     """Whether a method is post-hoc over other runs (it needs a fine-tuned run or soup ingredients)."""
-    return method_cls.needs_finetuned_run or method_cls.needs_ingredients
+    return issubclass(method_cls, PosthocMethod)
 
 
 def posthoc_config(base_run: str | Path, method: dict[str, Any], output_dir: Path, name: str) -> RunConfig:
@@ -412,18 +411,18 @@ def posthoc_config(base_run: str | Path, method: dict[str, Any], output_dir: Pat
     base_run = Path(base_run)
     raw = read_run_config(base_run)
     raw.update(method=method, name=name, output_dir=str(output_dir))
-    return parse_config(raw, source=f"{base_run / 'config.yaml'} (method {method['name']})")
+    from robustft.methods import checked
+
+    source = f"{base_run / 'config.yaml'} (method {method['name']})"
+    return checked(parse_config(raw, source=source), source)
 
 
 # ------------------------------------------------------------------------------------ the alpha sweep
 
 
-class AlphaSweepConfig(MethodConfig):
-    """Options shared by WiSE-FT and output-space ensembles."""
+class AlphaSweepConfig(OneRunInputs):
+    """Options shared by WiSE-FT and output-space ensembles: the run they combine and the alpha sweep."""
 
-    finetuned_run: Path | None = Field(
-        None, description="directory of a finished fine-tuning run from this model (required)"
-    )
     alphas: list[float] = Field(
         list(DEFAULT_ALPHAS), description="mixing coefficients evaluated; 0 is zero-shot, 1 the fine-tuned model"
     )
@@ -445,17 +444,13 @@ class AlphaSweepConfig(MethodConfig):
         """The alphas evaluated: ``alphas`` plus a fixed ``alpha`` if it is not among them."""
         return sorted({*self.alphas, *([self.alpha] if self.alpha is not None else [])})
 
-    def require_inputs(self, splits: Mapping[str, Any], method: str) -> Path:
-        """The fine-tuned run directory; errors before any work when an input is missing."""
-        if self.finetuned_run is None:
-            raise ConfigError(f"method.finetuned_run: {method} needs the directory of a finished fine-tuning run")
+    def check_alpha_pick(self, splits: Mapping[str, Any], method: str) -> None:
+        """Refuse, before any work, to choose alpha without an id_val split."""
         if self.alpha is None and "id_val" not in splits:
             raise ConfigError(
                 f"method.alpha: there is no id_val split to choose alpha on; set method.alpha "
                 f"(choosing it on test splits would overstate {method}'s accuracy)"
             )
-        final_checkpoint(self.finetuned_run)
-        return Path(self.finetuned_run)
 
 
 @dataclass(frozen=True)
@@ -529,57 +524,3 @@ def record_sweep(ctx: RunContext, method: str, curve: Sequence[CurvePoint], alph
         f"{method}: alpha={alpha:g} (chosen on {chosen_by}): ID {best.id:.2f}, OOD avg {best.ood_avg:.2f}; "
         f"oracle alphas: best ID {extras['oracle_alpha_id']:g}, best OOD {extras['oracle_alpha_ood']:g}"
     )
-
-
-# ------------------------------------------------------------------------------------------ commands
-
-
-def run_posthoc(
-    method: str,
-    base_run: str | Path,
-    options: Mapping[str, Any] | None = None,
-    out: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run a post-hoc ``method`` over one fine-tuned run (``robustft wise`` / ``robustft ose``).
-
-    The run goes to ``<out>/<method>/`` (``out`` defaults to ``base_run``, so ``robustft report
-    base_run`` shows the fine-tuned model and its post-hoc variants together) with the fine-tuned
-    run's model, data and seed. Returns its results.json content.
-    """
-    from robustft.runner import fit
-
-    base_run = Path(base_run)
-    final_checkpoint(base_run)
-    spec = {"name": method, "finetuned_run": str(base_run), **(options or {})}
-    return fit(posthoc_config(base_run, spec, out or base_run, method), log=log)
-
-
-def run_soups(
-    path: str | Path,
-    methods: Sequence[str] = ("uniform_soup", "greedy_soup"),
-    out: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Soups over the finished runs in ``path`` (a sweep directory) into ``<out>/<method>/`` (``robustft soup``).
-
-    The ingredients are listed run by run in each soup's config.yaml, so it records exactly what
-    was averaged. Returns the merged results of the soups.
-    """
-    from robustft.methods import get_method
-    from robustft.runner import fit, prepare_run
-
-    not_soups = [method for method in methods if not get_method(method).needs_ingredients]
-    if not_soups:
-        raise ConfigError(f"not a soup method: {', '.join(not_soups)} (soups: uniform_soup, greedy_soup)")
-    runs = find_runs(path)
-    log(f"{len(runs)} ingredients: {', '.join(run.name for run in runs)}")
-    merged: dict[str, Any] = {}
-    prepared = None
-    for method in methods:
-        spec = {"name": method, "ingredients": [str(run) for run in runs]}
-        config = posthoc_config(runs[0], spec, Path(out or path), method)
-        prepared = prepared or prepare_run(config, log)
-        results = fit(config, log=log, prepared=prepared)
-        merged = {**results, "methods": {**merged.get("methods", {}), **results["methods"]}}
-    return merged

@@ -28,11 +28,9 @@ from robustft.data import load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
 from robustft.errors import ConfigError
 from robustft.evaluate import evaluate_splits, summarize
-from robustft.methods import RunContext, get_method
-from robustft.methods.base import Method
-
-RESULTS_FILE = "results.json"
-FINAL_CHECKPOINT = "checkpoints/final.safetensors"
+from robustft.layout import FINAL_CHECKPOINT, RESULTS_FILE
+from robustft.methods import build_method
+from robustft.methods.base import Method, RunContext
 
 
 @dataclass
@@ -106,10 +104,11 @@ def fit(
     distributed.init_from_env(resolve_device(config.train.device))
     main = distributed.is_main_process()
     log = log if main else _quiet
+    method = build_method(config)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        write_resolved_config(config, run_dir / "config.yaml")
+        write_resolved_config(config, run_dir / "config.yaml", method.config)
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -118,7 +117,6 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
-    method = get_method(config.method.name)(config.method_options())
     start = time.perf_counter()
     with eval_memory_advice(config, ctx.device):
         model = method.prepare(model, ctx)
@@ -226,8 +224,8 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
     config = config.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
     distributed.init_from_env(resolve_device(config.train.device))
     main = distributed.is_main_process()
+    method: Method = build_method(config, str(run_dir / "config.yaml"))
     prepared = prepare_run(config, log if main else _quiet)
-    method: Method = get_method(config.method.name)(config.method_options())
     check_checkpoint_classes(run_dir / FINAL_CHECKPOINT, prepared.ctx.class_names)
     predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx

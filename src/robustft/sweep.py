@@ -24,6 +24,7 @@ import yaml
 from robustft.config import RunConfig, apply_overrides, parse_config, read_config_yaml, set_key
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
+from robustft.methods import checked
 
 GridAxis = tuple[str, list[Any]]
 MANIFEST = "sweep.json"
@@ -142,7 +143,8 @@ def plan_sweep(config: Path | str, axes: Sequence[GridAxis], overrides: list[str
         for key, value in point.items():
             set_key(raw, key, copy.deepcopy(value), option="--grid")
         raw.update(name=name, output_dir=str(directory))
-        points.append(SweepPoint(name, point, parse_config(raw, source=f"{config} [{name}]")))
+        where = f"{config} [{name}]"
+        points.append(SweepPoint(name, point, checked(parse_config(raw, source=where), where)))
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"--grid: two points get the same run name ({names}); use distinct values")

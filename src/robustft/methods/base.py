@@ -7,7 +7,6 @@ tests call directly. ``@register_method`` adds a class to the registry under its
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,12 +14,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
+from robustft.methods.registry import register_method  # noqa: F401  (method files import it from here)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -136,30 +137,84 @@ def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict
     return [group for group in groups if group["params"]]
 
 
-_REGISTRY: dict[str, type[Method]] = {}
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+class OneRunInputs(MethodConfig):
+    """The input of a post-hoc method over one finished run (WiSE-FT, output ensembles, VRF)."""
+
+    finetuned_run: Path | None = Field(
+        None, description="directory of a finished fine-tuning run from this model (required)"
+    )
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry under ``cls.name``."""
-    if not _NAME_PATTERN.match(cls.name):
-        raise ValueError(f"method name {cls.name!r} must be lower snake case")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+class SeveralRunsInputs(MethodConfig):
+    """The inputs of a post-hoc method over several finished runs (Model Soups)."""
+
+    ingredients: list[Path] = Field(
+        [], description="finished fine-tuning runs from this model, or folders of them (a sweep)"
+    )
 
 
-def get_method(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        raise ConfigError(f"method.name: unknown method '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+class PosthocMethod(Method):
+    """Base of the methods that train nothing and combine finished runs into a new predictor.
 
+    A post-hoc method owns its inputs: ``several_runs`` says whether it takes one finished run (the
+    ``finetuned_run`` option of :class:`OneRunInputs`) or several (``ingredients`` of
+    :class:`SeveralRunsInputs`), :meth:`input_options` turns run directories into those options (what
+    ``robustft posthoc`` and ``robustft compare`` use, instead of knowing option names), and
+    :meth:`check_inputs` refuses missing or unfinished runs before any work. Subclasses add the splits
+    they need by overriding :meth:`check_inputs` and do their work in ``finalize``.
+    """
 
-def list_methods() -> list[str]:
-    return list(_REGISTRY)
+    trains = False
+    several_runs: ClassVar[bool] = False
+    """False: one finished run (``finetuned_run``); True: several (``ingredients``, folders expanded)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.needs_finetuned_run = not cls.several_runs
+        cls.needs_ingredients = cls.several_runs
 
-def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
-    """(option, default, description) for ``robustft methods``."""
-    return [(name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()]
+    @classmethod
+    def input_option(cls) -> str:
+        return "ingredients" if cls.several_runs else "finetuned_run"
+
+    @classmethod
+    def input_options(cls, runs: list[Path] | list[str]) -> dict[str, Any]:
+        """The method options that name ``runs`` as its inputs."""
+        if cls.several_runs:
+            if not runs:
+                raise ConfigError(f"{cls.name} combines finished runs; give at least one")
+            return {"ingredients": [str(run) for run in runs]}
+        if len(runs) != 1:
+            raise ConfigError(f"{cls.name} combines one finished run; got {len(runs)}: {', '.join(map(str, runs))}")
+        return {"finetuned_run": str(runs[0])}
+
+    def input_runs(self) -> list[Path]:
+        """The run directories this method combines (folders of runs expanded, each once), all finished.
+
+        Raises:
+            ConfigError: no input given, or a directory that is not a finished run.
+        """
+        from robustft.posthoc import final_checkpoint, find_runs
+
+        if not self.several_runs:
+            run = getattr(self.config, "finetuned_run", None)
+            if run is None:
+                raise ConfigError(f"method.finetuned_run: {self.name} needs the directory of a finished run")
+            final_checkpoint(run)
+            return [Path(run)]
+        entries = getattr(self.config, "ingredients", None) or []
+        if not entries:
+            raise ConfigError(f"method.ingredients: {self.name} needs at least one finished fine-tuning run")
+        runs: dict[Path, Path] = {}
+        for entry in entries:
+            for run in find_runs(entry):
+                runs.setdefault(run.resolve(), run)
+        return list(runs.values())
+
+    def check_inputs(self, ctx: RunContext) -> list[Path]:
+        """Check the inputs and the splits this method needs before any work; returns the input runs."""
+        return self.input_runs()
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self.check_inputs(ctx)
+        return model.requires_grad_(False)

@@ -5,30 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import Field
 from torch import Tensor, nn
 
-from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.evaluate import evaluate_splits
-from robustft.methods.base import Method, RunContext, register_method
-from robustft.posthoc import find_runs, greedy_soup, load_run_weights, uniform_soup
+from robustft.methods.base import PosthocMethod, RunContext, SeveralRunsInputs, register_method
+from robustft.posthoc import greedy_soup, load_run_weights, uniform_soup
 
 
-class SoupConfig(MethodConfig):
-    ingredients: list[Path] = Field(
-        [], description="finished fine-tuning runs from this model, or folders of them (a sweep)"
-    )
-
-    def runs(self) -> list[Path]:
-        """The ingredient run directories, folders expanded, each once, in the given order."""
-        if not self.ingredients:
-            raise ConfigError("method.ingredients: a soup needs at least one finished fine-tuning run")
-        runs: dict[Path, Path] = {}
-        for entry in self.ingredients:
-            for run in find_runs(entry):
-                runs.setdefault(run.resolve(), run)
-        return list(runs.values())
+class SoupConfig(SeveralRunsInputs):
+    """The ingredients: finished fine-tuning runs from one initialisation, or folders of them."""
 
 
 class RunWeights(Sequence):
@@ -48,14 +34,9 @@ class RunWeights(Sequence):
         return load_run_weights(self.model, self.runs[index], self.ctx)
 
 
-class _Soup(Method):
+class _Soup(PosthocMethod):
     config_cls = SoupConfig
-    trains = False
-    needs_ingredients = True
-
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.config.runs()
-        return model.requires_grad_(False)
+    several_runs = True
 
 
 @register_method
@@ -72,7 +53,7 @@ class UniformSoup(_Soup):
     name = "uniform_soup"
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        runs = self.config.runs()
+        runs = self.input_runs()
         model.load_state_dict(uniform_soup(RunWeights(runs, model, ctx)))
         ctx.extras["ingredients"] = [str(run) for run in runs]
         ctx.log(f"uniform soup of {len(runs)} runs")
@@ -90,13 +71,13 @@ class GreedySoup(_Soup):
 
     name = "greedy_soup"
 
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def check_inputs(self, ctx: RunContext) -> list[Path]:
         if "id_val" not in ctx.splits:
             raise ConfigError("method: greedy_soup chooses ingredients on the id_val split, and this run has none")
-        return super().prepare(model, ctx)
+        return super().check_inputs(ctx)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        runs = self.config.runs()
+        runs = self.input_runs()
         weights = RunWeights(runs, model, ctx)
 
         def val_accuracy(state: dict[str, Tensor]) -> float:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from robustft.class_spaces import class_space_of
 from robustft.evaluate import predict, split_metrics
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import PosthocMethod, RunContext, register_method
 from robustft.posthoc import (
     AlphaSweepConfig,
     CurvePoint,
@@ -71,7 +71,7 @@ class OutputEnsemble(nn.Module):
 
 
 @register_method
-class OutputEnsembleMethod(Method):
+class OutputEnsembleMethod(PosthocMethod):
     """OSE: ``p = (1 - alpha) softmax(z_zs) + alpha softmax(z_ft)`` (METHODS.md, "Baselines: OSE").
 
     The output-space counterpart of WiSE-FT that Wortsman et al. (CVPR 2022) compare against: it
@@ -83,12 +83,10 @@ class OutputEnsembleMethod(Method):
 
     name = "output_ensemble"
     config_cls = OutputEnsembleConfig
-    trains = False
-    needs_finetuned_run = True
 
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.config.require_inputs(ctx.splits, self.name)
-        return model.requires_grad_(False)
+    def check_inputs(self, ctx: RunContext) -> list[Path]:
+        self.config.check_alpha_pick(ctx.splits, self.name)
+        return super().check_inputs(ctx)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         loaded = load_run_predictor(copy.deepcopy(model), self.config.finetuned_run, ctx)

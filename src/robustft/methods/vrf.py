@@ -19,10 +19,9 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
-from robustft.config import MethodConfig
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
-from robustft.methods.base import Method, RunContext, register_method
-from robustft.posthoc import LoadedRun, composed_name, final_checkpoint, finetuned_structure, load_run_predictor
+from robustft.methods.base import OneRunInputs, PosthocMethod, RunContext, register_method
+from robustft.posthoc import LoadedRun, composed_name, finetuned_structure, load_run_predictor
 
 Distance = Literal["squared_l2", "l2"]
 # Temperatures are searched on log T within these bounds (NLL may keep falling as T -> 0 on a split the
@@ -260,12 +259,9 @@ def _index_is_stale(module: VrfPredictor, incompatible_keys: Any) -> None:
 # ------------------------------------------------------------------------------------------- method
 
 
-class VrfConfig(MethodConfig):
-    """Options of VRF; every distance-valued option is in the units of ``distance``."""
+class VrfConfig(OneRunInputs):
+    """Options of VRF (and the run it combines); every distance-valued option is in the units of ``distance``."""
 
-    finetuned_run: Path | None = Field(
-        None, description="directory of a finished fine-tuning run from this model (required)"
-    )
     k: float = Field(
         0.001,
         gt=0,
@@ -345,7 +341,7 @@ def self_distances(index: ExactKnn, members: Tensor, k: int, distance: Distance)
 
 
 @register_method
-class Vrf(Method):
+class Vrf(PosthocMethod):
     """VRF: ``P = w(x) softmax(z_ft / T_ft) + (1 - w(x)) softmax(z_zs / T_zs)``, ``w = sigmoid(-(d(x) - a) / b)``.
 
     Zhu et al. (NeurIPS 2024) observe that output ensembles reach their best ID and best OOD accuracy at
@@ -376,13 +372,9 @@ class Vrf(Method):
 
     name = "vrf"
     config_cls = VrfConfig
-    trains = False
-    needs_finetuned_run = True
 
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+    def check_inputs(self, ctx: RunContext) -> list[Path]:
         config = self.config
-        if config.finetuned_run is None:
-            raise ConfigError("method.finetuned_run: vrf needs the directory of a finished fine-tuning run")
         if "train" not in ctx.splits:
             raise ConfigError("data.splits.train: vrf builds its zero-shot-failure set from the train split")
         if (config.fit_temperatures or config.pick_on_id_val) and "id_val" not in ctx.splits:
@@ -390,8 +382,7 @@ class Vrf(Method):
                 "data.splits.id_val: vrf fits its temperatures (and picks a, b) on id_val, never on a test split; "
                 "add an id_val split or set method.fit_temperatures: false"
             )
-        final_checkpoint(config.finetuned_run)
-        return model.requires_grad_(False)
+        return super().check_inputs(ctx)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         config = self.config

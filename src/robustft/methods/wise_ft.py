@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from robustft.evaluate import evaluate_splits
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import PosthocMethod, RunContext, register_method
 from robustft.posthoc import (
     AlphaSweepConfig,
     CurvePoint,
@@ -27,7 +27,7 @@ class WiseFtConfig(AlphaSweepConfig):
 
 
 @register_method
-class WiseFt(Method):
+class WiseFt(PosthocMethod):
     """WiSE-FT, the weight-space ensemble ``theta(alpha) = (1 - alpha) theta_zs + alpha theta_ft``.
 
     Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022. Fine-tuning moves the
@@ -44,12 +44,10 @@ class WiseFt(Method):
 
     name = "wise_ft"
     config_cls = WiseFtConfig
-    trains = False
-    needs_finetuned_run = True
 
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.config.require_inputs(ctx.splits, self.name)
-        return model.requires_grad_(False)
+    def check_inputs(self, ctx: RunContext) -> list:
+        self.config.check_alpha_pick(ctx.splits, self.name)
+        return super().check_inputs(ctx)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         theta_0 = {key: value.detach().clone() for key, value in model.state_dict().items()}
