@@ -13,7 +13,7 @@ from posthoc_support import bits_equal, quiet, small_prepared
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.evaluate import predict
-from robustft.methods import base, get_method, method_options
+from robustft.methods import get_method, method_options, registry
 from robustft.methods.base import Method
 from robustft.posthoc import WeightSpaceError, composed_name, load_run_predictor
 from robustft.runner import FINAL_CHECKPOINT, evaluate_run, fit
@@ -46,7 +46,7 @@ class WrappedFinetune(Method):
 @pytest.fixture(autouse=True)
 def wrapped_method_registered(monkeypatch):
     """Registered for this module's tests only, so the demo and `robustft methods` never see it."""
-    monkeypatch.setitem(base._REGISTRY, WrappedFinetune.name, WrappedFinetune)
+    monkeypatch.setitem(registry._REGISTRY, WrappedFinetune.name, WrappedFinetune)
 
 
 @pytest.fixture(scope="module")
