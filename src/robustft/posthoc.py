@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from robustft.config import MethodConfig, RunConfig, parse_config
 from robustft.errors import CheckpointError, ConfigError, RobustftError
+from robustft.safe_io import read_yaml_mapping
 
 # 0, 0.1, ..., 1.0 written as decimals (0.1 * 3 is 0.30000000000000004).
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -260,10 +260,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a robustft run directory?")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not a robustft run config")
-    return raw
+    return read_yaml_mapping(path, ConfigError)  # a python tag is refused as unsafe, a torn file named
 
 
 # The model options that decide the initial weights; model_kwargs may carry training-only options
@@ -552,7 +549,7 @@ def run_posthoc(
     base_run = Path(base_run)
     final_checkpoint(base_run)
     spec = {"name": method, "finetuned_run": str(base_run), **(options or {})}
-    return fit(posthoc_config(base_run, spec, out or base_run, method), log=log)
+    return fit(posthoc_config(base_run, spec, out or base_run, method), log=log, overwrite=True)  # derived run
 
 
 def run_soups(
@@ -580,6 +577,6 @@ def run_soups(
         spec = {"name": method, "ingredients": [str(run) for run in runs]}
         config = posthoc_config(runs[0], spec, Path(out or path), method)
         prepared = prepared or prepare_run(config, log)
-        results = fit(config, log=log, prepared=prepared)
+        results = fit(config, log=log, prepared=prepared, overwrite=True)  # a soup is re-made from its ingredients
         merged = {**results, "methods": {**merged.get("methods", {}), **results["methods"]}}
     return merged
