@@ -343,6 +343,8 @@ def execute_comparison(
     for seed in seeds:
         root = out / f"seed{seed}" if seed_dirs else out
         plans = plan_seed(base, names, seed, root, settings, progress)
+        for saved in [plan.run_dir / "config.yaml" for plan in plans if (plan.run_dir / "config.yaml").is_file()]:
+            read_yaml_mapping(saved)  # a torn or unsafe config.yaml is named before any run of the seed starts
         seed_run = _SeedRunner(plans[0].config, prepared, log)
         redone: set[Path] = set()
         merged: dict[str, Any] = {"benchmark": None, "seed": seed, "methods": {}}

@@ -70,6 +70,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size_hint: int
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
         if is_out_of_space(error):
+            tmp.unlink(missing_ok=True)  # first: the free space reported is what the user has without it
             raise out_of_space_error(path, size_hint, error) from None
         raise
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
-from robustft.errors import ConfigError, RobustftError, RunDirectoryError
+from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
 from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.methods import RunContext, get_method
@@ -41,7 +42,7 @@ from robustft.run_directory import (
     make_run_directory,
     removed_on_failure,
 )
-from robustft.safe_io import read_json_object, read_yaml_mapping
+from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -132,6 +133,8 @@ def fit(
         if finished is not None:
             log(f"{run_dir}: finished before with this config; nothing to resume")
             return finished
+        if resume:
+            check_resumable(run_dir)
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -210,6 +213,15 @@ def check_finished_run(config: RunConfig, resume: bool, overwrite: bool) -> dict
             "refusing to change it: use another name (--set name=...), or --overwrite to replace it"
         )
     return read_json_object(run_dir / RESULTS_FILE)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Name a torn checkpoint or a corrupt metrics.jsonl before anything is loaded or written."""
+    checkpoint = run_dir / LAST_CHECKPOINT
+    if checkpoint.is_file() and not zipfile.is_zipfile(checkpoint):  # torch.save writes a zip, its index last
+        raise CheckpointError(f"{checkpoint}: corrupt or truncated checkpoint (no zip index: a torn write?)")
+    if (run_dir / METRICS_FILE).is_file():
+        read_jsonl(run_dir / METRICS_FILE)  # a torn last line is dropped on resume; a bad line before it is named
 
 
 def start_run_directory(config: RunConfig, resume: bool) -> None:

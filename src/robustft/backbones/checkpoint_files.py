@@ -79,8 +79,8 @@ def load_failure(path: Path, error: Exception) -> CheckpointError:
             f"{path}: is a TorchScript archive (e.g. OpenAI's original CLIP .pt); save its "
             "state_dict() as safetensors in a trusted session, or use the safetensors release"
         )
-    detail = text.split("compatible with your use case: ")[-1].strip()  # the unpickler's own reason
-    first_line = detail.splitlines()[0] if detail else type(error).__name__
+    detail = text.split("compatible with your use case: ")[-1].split("Check the documentation of torch.load")[0]
+    first_line = " ".join(detail.split()) or type(error).__name__  # the unpickler's own reason, on one line
     return CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: {first_line[:200]})")
 
 
