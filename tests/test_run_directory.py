@@ -66,9 +66,9 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
 
 
 def test_the_lock_refuses_a_second_holder_in_one_process(tmp_path):
-    with RunLock(tmp_path):
-        with pytest.raises(RunDirectoryError, match=f"in use by another robustft process \\(pid {os.getpid()} "):
-            RunLock(tmp_path).acquire()
+    holder = f"in use by another robustft process \\(pid {os.getpid()} "
+    with RunLock(tmp_path), pytest.raises(RunDirectoryError, match=holder):
+        RunLock(tmp_path).acquire()
     with RunLock(tmp_path):  # released on exit
         pass
 
