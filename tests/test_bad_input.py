@@ -91,7 +91,7 @@ def test_checkpoint_of_another_architecture_lists_the_keys(finished_run, monkeyp
     assert line == (
         f"robustft: error: {final}: does not match digits_vit: 1 missing keys (backbone.norm.weight); "
         "1 unexpected keys (backbone.extra_token); 1 shape mismatches (checkpoint vs model) "
-        "(backbone.blocks.0.mlp.fc1.weight (64, 128) vs (256, 128))"
+        "(backbone.blocks.0.mlp.fc1.weight (64, 128) vs (256, 128)) (incompatible checkpoint)"
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from robustft.backbones.checkpoint_files import load_failure
+from robustft.backbones.checkpoint_files import load_torch_file
 from robustft.errors import CheckpointError
 from robustft.files import atomic_write
 
@@ -51,10 +51,7 @@ def load_training_state(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unsafe pickles, and zip, EOF and key errors of a torn or foreign file
-        raise load_failure(path, error) from None
+    state = load_torch_file(path)  # unsafe pickles refused; zip, EOF and key errors of a torn file: corrupt
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: corrupt: not a robustft training checkpoint (a {type(state).__name__})")
     return state

@@ -9,6 +9,7 @@ one-line ``CheckpointError`` that names the file, because the CLI prints exactly
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,8 +55,16 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _read_pickle(path: Path) -> object:
+    return load_torch_file(path)
+
+
+def load_torch_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` on the CPU; any failure one CheckpointError, and no warning lines
+    (torch warns about a pickle protocol it does not expect before it refuses the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise load_failure(path, error) from None
 
