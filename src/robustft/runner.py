@@ -158,7 +158,7 @@ def fit(
                 with eval_memory_advice(config, ctx.device):
                     method.setup(model, ctx)
                 if main:
-                    start_run_directory(config, resume)
+                    start_run_directory(config, resume, overwrite)
             engine = Engine(config.train, config.optim, config.data.batch_size)
             summary = engine.fit(method, model, ctx, resume=resume)
         with eval_memory_advice(config, ctx.device):
@@ -224,15 +224,14 @@ def check_resumable(run_dir: Path) -> None:
         read_jsonl(run_dir / METRICS_FILE)  # a torn last line is dropped on resume; a bad line before it is named
 
 
-def start_run_directory(config: RunConfig, resume: bool) -> None:
-    """Clear what an earlier run left (unless resuming) and write config.yaml, atomically.
-
-    results.json goes first: a run replaced half-way must never look finished with the old results.
-    """
+def start_run_directory(config: RunConfig, resume: bool, overwrite: bool = False) -> None:
+    """Clear what an earlier run left (all of it unless resuming; its results when overwriting) and write
+    config.yaml, atomically. results.json goes first: a run replaced half-way never looks finished."""
     run_dir = config.run_dir
-    if not resume:
-        for name in (RESULTS_FILE, FINAL_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE):
-            (run_dir / name).unlink(missing_ok=True)
+    stale = [RESULTS_FILE, FINAL_CHECKPOINT] if overwrite or not resume else []
+    stale += [LAST_CHECKPOINT, METRICS_FILE] if not resume else []
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
     write_resolved_config(config, run_dir / "config.yaml")
 
 
