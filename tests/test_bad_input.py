@@ -91,7 +91,7 @@ def test_checkpoint_of_another_architecture_lists_the_keys(finished_run, monkeyp
     assert line == (
         f"robustft: error: {final}: does not match digits_vit: 1 missing keys (backbone.norm.weight); "
         "1 unexpected keys (backbone.extra_token); 1 shape mismatches (checkpoint vs model) "
-        "(backbone.blocks.0.mlp.fc1.weight (64, 128) vs (256, 128))"
+        "(backbone.blocks.0.mlp.fc1.weight (64, 128) vs (256, 128)) (incompatible checkpoint)"
     )
 
 
@@ -139,7 +139,7 @@ def test_malicious_resume_checkpoint_is_refused_and_never_runs(tmp_path, monkeyp
     checkpoint.parent.mkdir(parents=True)
     torch.save({"step": 1, "model": Payload()}, checkpoint)
     line = error_line(monkeypatch, capsys, "fit", str(config), "--resume")
-    assert line.startswith(f"robustft: error: {checkpoint}: refusing to load: not a plain-tensor checkpoint")
+    assert line.startswith(f"robustft: error: {checkpoint}: refusing to load: the file is a pickle that needs code")
     evil_model = tmp_path / "evil.pt"
     torch.save({"state_dict": Payload()}, evil_model)
     line = error_line(monkeypatch, capsys, "fit", str(config), "--set", f"model.checkpoint={evil_model}")

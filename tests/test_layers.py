@@ -41,8 +41,11 @@ def test_no_library_module_imports_the_command_layer() -> None:
     assert not back_arrows, back_arrows
 
 
-def test_config_imports_only_the_errors_module() -> None:
-    assert {target for target, _ in imports(PACKAGE / "config.py")} <= {"robustft.errors"}
+def test_config_imports_only_foundation_modules() -> None:
+    foundations = {"robustft.errors", "robustft.files", "robustft.safe_io"}
+    assert {target for target, _ in imports(PACKAGE / "config.py")} <= foundations
+    for module in ("files.py", "safe_io.py", "errors.py"):
+        assert {target for target, _ in imports(PACKAGE / module)} <= foundations, module
 
 
 def test_importing_the_engine_imports_no_method() -> None:

@@ -9,18 +9,30 @@ or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from robustft.backbones.checkpoint_files import load_torch_file
 from robustft.errors import CheckpointError
 from robustft.files import atomic_write
 
 
 def save_training_state(state: dict[str, Any], path: Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Atomic ``torch.save``; a full disk is one OutOfSpaceError naming the checkpoint and its size."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), size_hint=tensor_bytes(state))
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it needs on disk, to within its headers)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -39,11 +51,7 @@ def load_training_state(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else "unsafe pickle"
-        raise CheckpointError(f"{path}: refusing to load: not a plain-tensor checkpoint ({first})") from None
-    except Exception as error:  # zip, EOF and key errors of a torn or foreign file
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
+    state = load_torch_file(path)  # unsafe pickles refused; zip, EOF and key errors of a torn file: corrupt
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt: not a robustft training checkpoint (a {type(state).__name__})")
+    return state

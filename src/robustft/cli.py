@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,7 @@ def fit_command(
     config: Annotated[Path, typer.Argument(help="run config (YAML)")],
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished run of this name (refused without)")] = False,
     devices: Annotated[
         int, typer.Option(min=1, help="data-parallel processes on this machine (relaunches under torchrun)")
     ] = 1,
@@ -65,8 +68,9 @@ def fit_command(
     if devices > 1 and distributed.launched_world_size() == 1:
         distributed.check_batch_size(run_config.data.batch_size, devices)
         arguments = ["fit", str(config), *(f"--set={item}" for item in overrides or []), *(["--resume"] * resume)]
+        arguments += ["--overwrite"] * overwrite
         raise typer.Exit(distributed.relaunch(devices, arguments))
-    results = fit(run_config, resume=resume, log=console.print)
+    results = fit(run_config, resume=resume, log=console.print, overwrite=overwrite)
     if results and distributed.is_main_process():
         print_table(results, console)
         console.print(f"run directory: {run_config.run_dir}")
@@ -404,6 +408,15 @@ def main() -> None:
     except RobustftError as error:
         print(f"robustft: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a write robustft does not wrap itself: full disk, read-only or missing folder
+        if error.errno not in _USER_ERRNOS:
+            raise
+        print(f"robustft: error: {error.filename or 'a file'}: {os.strerror(error.errno)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# A full disk or quota, a file-size limit, a read-only filesystem, no permission, a folder that is a file.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EEXIST}
 
 
 def _one_line(error: RobustftError) -> str:

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
@@ -64,7 +63,9 @@ from robustft.files import atomic_write
 from robustft.methods import checked, get_method, list_methods, method_options
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
 from robustft.robustness import add_effective_robustness, ood_average
+from robustft.run_directory import config_differences
 from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
+from robustft.safe_io import read_json_object, read_yaml_mapping
 from robustft.sweep import point_name
 
 LEADERBOARD = "leaderboard"
@@ -76,7 +77,7 @@ ZERO_SHOT, FINETUNED = "zeroshot", "finetune"
 INFERENCE_BATCH = 32
 INFERENCE_REPEATS = 3
 # Keys that differ between otherwise identical runs and do not change their results.
-_IGNORED_CONFIG_KEYS = {("train", "progress")}
+_IGNORED_CONFIG_KEYS = frozenset({"train.progress"})
 
 
 class CompareSection(StrictModel):
@@ -336,6 +337,8 @@ def execute_comparison(
     for seed in seeds:
         root = out / f"seed{seed}" if seed_dirs else out
         plans = plan_seed(base, names, seed, root, settings, progress)
+        for saved in [plan.run_dir / "config.yaml" for plan in plans if (plan.run_dir / "config.yaml").is_file()]:
+            read_yaml_mapping(saved)  # a torn or unsafe config.yaml is named before any run of the seed starts
         seed_run = _SeedRunner(plans[0].config, prepared, log)
         redone: set[Path] = set()
         merged: dict[str, Any] = {"benchmark": None, "seed": seed, "methods": {}}
@@ -380,7 +383,7 @@ class _SeedRunner:
         action, reason = run_action(plan, redone)
         if action == "reuse":
             self.log(f"{plan.run_dir}: finished before, reused")
-            return json.loads((plan.run_dir / RESULTS_FILE).read_text()), "reused"
+            return read_json_object(plan.run_dir / RESULTS_FILE), "reused"
         if reason:
             self.log(f"{plan.run_dir}: {reason}")
         prepared = self.data()
@@ -388,7 +391,8 @@ class _SeedRunner:
         if cuda:
             torch.cuda.reset_peak_memory_stats(prepared.ctx.device)
         self.log(f"{plan.method} ({plan.kind}, seed {plan.config.seed}): running into {plan.run_dir}")
-        results = fit(plan.config, resume=action == "resume", log=self.log, prepared=prepared)
+        resume = action == "resume"
+        results = fit(plan.config, resume=resume, log=self.log, prepared=prepared, overwrite=not resume)
         if results and plan.kind != "ingredient":
             peak = torch.cuda.max_memory_allocated(prepared.ctx.device) / 2**20 if cuda else None
             self._write_costs(plan, peak)
@@ -422,11 +426,12 @@ def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
     unchanged), ``resume`` it (interrupted, same config) or run it ``fresh`` (absent, changed or stale)."""
     if not (plan.run_dir / "config.yaml").is_file():
         return "fresh", ""
-    saved = yaml.safe_load((plan.run_dir / "config.yaml").read_text()) or {}
+    saved = read_yaml_mapping(plan.run_dir / "config.yaml")  # a torn or unsafe config.yaml: one line naming it
     planned = plan.config.model_dump(mode="json")
     options = method_options(plan.config).model_dump(mode="json")
     planned["method"] = {"name": plan.config.method.name, **options}
-    difference = _first_difference(json.loads(json.dumps(planned)), saved)
+    differences = config_differences(json.loads(json.dumps(planned)), saved, ignored=_IGNORED_CONFIG_KEYS)
+    difference = differences[0] if differences else None  # paths compared resolved: --out runs vs /abs/runs
     if difference:
         return "fresh", f"its config.yaml differs ({difference}); running it again"
     if not is_finished_run(plan.run_dir):
@@ -435,22 +440,6 @@ def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
     if stale:
         return "fresh", f"its input run(s) {', '.join(stale)} were redone; running it again"
     return "reuse", ""
-
-
-def _first_difference(planned: Any, saved: Any, path: tuple[str, ...] = ()) -> str | None:
-    """The first key whose saved value differs from the planned one (keys only one side has are skipped:
-    options added to robustft since the run was made)."""
-    if path in _IGNORED_CONFIG_KEYS:
-        return None
-    if isinstance(planned, dict) and isinstance(saved, dict):
-        for key in planned.keys() & saved.keys():
-            found = _first_difference(planned[key], saved[key], (*path, key))
-            if found:
-                return found
-        return None
-    if planned != saved:
-        return f"{'.'.join(path)}: {saved!r} there, {planned!r} now"
-    return None
 
 
 def inference_batch(prepared: Prepared) -> Tensor:

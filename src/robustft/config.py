@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from robustft.errors import ConfigError
+from robustft.files import atomic_write_text
+from robustft.safe_io import parse_yaml, read_yaml_mapping
 
 
 class StrictModel(BaseModel):
@@ -135,7 +138,7 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accumulation: PositiveInt = 1
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    device: str = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
     checkpoint_every: PositiveInt = 200
     log_every: PositiveInt = 10
     stop_after: PositiveInt | None = Field(None, description="stop after this many steps (resumable)")
@@ -146,6 +149,13 @@ class TrainConfig(StrictModel):
     mlflow: bool = Field(
         False, description="also log them to MLflow: $MLFLOW_TRACKING_URI or <run_dir>/mlruns (robustft[tracking])"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        if name == "auto" or re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+            return name
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:<index> or mps")
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -184,7 +194,7 @@ class EvaluateConfig(StrictModel):
 
 class RunConfig(StrictModel):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds python, numpy and torch (torch takes 64-bit seeds)")
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -236,7 +246,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=3e-5")
-        set_key(raw, key, yaml.safe_load(value))
+        set_key(raw, key, parse_yaml(value, f"--set {override!r}", ConfigError))  # a python tag: "unsafe"
         overridden.add(key.strip())
     method = raw.get("method")
     if isinstance(method, dict) and "method.name" in overridden and method.get("name") != before.get("name"):
@@ -260,13 +270,7 @@ def read_config_yaml(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return raw
+    return read_yaml_mapping(path, ConfigError)  # torn, unsafe (python tags) and non-UTF-8 files named
 
 
 def load_config(path: Path | str | None, overrides: list[str] | None = None) -> RunConfig:
@@ -282,6 +286,4 @@ def write_resolved_config(config: RunConfig, path: Path, options: MethodConfig |
     data = config.model_dump(mode="json")
     resolved = options.model_dump(mode="json") if options is not None else config.method.options()
     data["method"] = {"name": config.method.name, **resolved}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -25,8 +25,10 @@ from robustft.backbones.checkpoint_files import load_state_dict_strict
 from robustft.checkpoint import load_training_state, remove_stale_temporaries, save_training_state
 from robustft.config import OptimConfig, TrainConfig
 from robustft.data import training_loader
-from robustft.errors import CheckpointError, RobustftError
+from robustft.errors import CheckpointError, ConfigError, RobustftError
+from robustft.files import atomic_write_text
 from robustft.methods.base import Method, RunContext
+from robustft.safe_io import read_jsonl
 from robustft.tracking import flat_params, open_tracker
 
 
@@ -48,13 +50,21 @@ class FitSummary:
     train_seconds: float
     resumed_from: int | None
     stopped_early: bool
+    previous_train_seconds: float = 0.0  # spent before the checkpoint this run resumed from
 
 
 def resolve_device(name: str) -> torch.device:
     """``train.device``; ``auto`` picks a GPU when there is one, and under torchrun each rank its own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.device_for_rank(torch.device(name))
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} but no CUDA GPU is visible to torch; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device: {name!r} but MPS is not available on this machine; use auto or cpu")
+    return distributed.device_for_rank(device)
 
 
 def out_of_memory_advice(batch_size: int, accumulation: int, device: torch.device, processes: int = 1) -> str:
@@ -129,18 +139,19 @@ class Engine:
         optimizer, scheduler = session.optimizer, session.scheduler
         state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
-        resumed_from = None
+        resumed_from, previous_seconds = None, 0.0
+        metrics_path = ctx.run_dir / "metrics.jsonl"
+        if main:  # the run directory is locked: no writer of this run is alive, its temporaries are stale
+            remove_stale_temporaries(checkpoint_path)
         if resume and checkpoint_path.is_file():
-            if main:
-                remove_stale_temporaries(checkpoint_path)
             checkpoint = load_training_state(checkpoint_path)
             resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path)
+            previous_seconds = float(checkpoint.get("train_seconds", 0.0))
             ctx.log(f"resumed from {checkpoint_path} at step {resumed_from}")
-            if main:
-                _truncate_jsonl(ctx.run_dir / "metrics.jsonl", resumed_from)
+        if main:  # lines after the checkpoint's step (all, without one) are redone: killed before or while saving
+            _truncate_jsonl(metrics_path, resumed_from or 0)
         method.bind_optimizer(optimizer)
         stop_at = min(total, self.train.stop_after) if self.train.stop_after else total
-        metrics_path = ctx.run_dir / "metrics.jsonl"
         tracker = open_tracker(self.train, ctx.run_dir, enabled=main, resumed_from=resumed_from)
         if resumed_from is None:
             tracker.log_params(self._tracked_params())
@@ -167,11 +178,14 @@ class Engine:
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % self.train.checkpoint_every == 0 or state.step == stop_at:
                 if main:
-                    save_training_state(state.capture(model, optimizer, scheduler, method), checkpoint_path)
+                    captured = state.capture(model, optimizer, scheduler, method)
+                    captured["train_seconds"] = previous_seconds + time.perf_counter() - start
+                    save_training_state(captured, checkpoint_path)
                 saved_at = state.step
         progress.close()
         tracker.close()
-        return FitSummary(state.step, time.perf_counter() - start, resumed_from, state.step < total)
+        seconds = time.perf_counter() - start
+        return FitSummary(state.step, seconds, resumed_from, state.step < total, previous_seconds)
 
     def start(
         self,
@@ -409,11 +423,14 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
+    """Drop metric lines written after the checkpoint a run resumes from (they will be redone), and a
+    torn last line (a kill mid-append); rewritten atomically, so a kill here loses nothing."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    records, torn = read_jsonl(path)
+    kept = [record for record in records if record.get("step", 0) <= last_step]
+    if torn or len(kept) < len(records):
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _progress(total: int, initial: int, enabled: bool):

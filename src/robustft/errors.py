@@ -19,3 +19,15 @@ class CheckpointError(RobustftError):
 
 class UnsupportedModelError(ConfigError, ValueError):
     """The configured model lacks what a method needs (e.g. a CLS-token ViT for attention rollout)."""
+
+
+class RunDirectoryError(RobustftError):
+    """A run directory cannot be written: in use by another process, finished, under a file or read-only."""
+
+
+class OutOfSpaceError(RobustftError):
+    """A write ran out of disk space; the message names the file, the space it needs and the space left."""
+
+
+class FileContentError(RobustftError):
+    """A file robustft reads is torn (an interrupted write), corrupt, unsafe or not UTF-8; the message names it."""

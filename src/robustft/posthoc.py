@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
@@ -26,6 +25,7 @@ from robustft.config import RunConfig, parse_config
 from robustft.errors import CheckpointError, ConfigError, RobustftError
 from robustft.layout import FINAL_CHECKPOINT, RESULTS_FILE
 from robustft.methods.base import OneRunInputs, PosthocMethod
+from robustft.safe_io import read_yaml_mapping
 
 # 0, 0.1, ..., 1.0 written as decimals (0.1 * 3 is 0.30000000000000004).
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -258,10 +258,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a robustft run directory?")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not a robustft run config")
-    return raw
+    return read_yaml_mapping(path, ConfigError)  # a python tag is refused as unsafe, a torn file named
 
 
 # The model options that decide the initial weights; model_kwargs may carry training-only options

@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,25 @@ from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
-from robustft.errors import ConfigError
+from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
 from robustft.evaluate import evaluate_splits, summarize
-from robustft.layout import FINAL_CHECKPOINT, RESULTS_FILE
-from robustft.methods import build_method
+from robustft.files import atomic_write_json
+from robustft.methods import build_method, method_options
 from robustft.methods.base import Method, RunContext
+from robustft.run_directory import (
+    FINAL_CHECKPOINT,
+    RESULTS_FILE,
+    RunLock,
+    check_writable_location,
+    config_differences,
+    is_finished,
+    make_run_directory,
+    removed_on_failure,
+)
+from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
+
+LAST_CHECKPOINT = "checkpoints/last.pt"
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -92,11 +107,18 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     prepared: Prepared | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (or apply) the configured method, evaluate every split, write the run directory.
 
     Returns the results.json content. ``prepared`` lets callers (the demo) reuse loaded data; its
     model is copied, never modified.
+
+    Nothing is written before the whole config and the data have been validated (device, data,
+    class count, method options and the method's own files): a bad input leaves the disk as it was.
+    A finished run is never changed unless ``overwrite``: ``resume`` on it with the same config
+    returns its results, with another config it is refused naming the keys that differ. The run
+    directory is locked (robustft.run_directory.RunLock) while it is written.
 
     Under torchrun every rank runs this function (docs/distributed.md): all ranks prepare, train
     and score their shard of each split; rank 0 alone logs and writes the run directory.
@@ -106,9 +128,14 @@ def fit(
     log = log if main else _quiet
     method = build_method(config)
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        write_resolved_config(config, run_dir / "config.yaml", method.config)
+        check_writable_location(run_dir)
+        finished = check_finished_run(config, resume, overwrite)
+        if finished is not None:
+            log(f"{run_dir}: finished before with this config; nothing to resume")
+            return finished
+        if resume:
+            check_resumable(run_dir)
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -117,36 +144,95 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
-    start = time.perf_counter()
-    with eval_memory_advice(config, ctx.device):
-        model = method.prepare(model, ctx)
-        trainable = count_trainable(model)
-    with training_class_space(model, train_class_space(ctx, method)):
+    created = make_run_directory(run_dir) if main else None
+    with RunLock(run_dir) if main else nullcontext():
+        with removed_on_failure(created):
+            if main:
+                check_finished_run(config, resume, overwrite)  # again, now that no other writer can finish it
+            start = time.perf_counter()
+            with eval_memory_advice(config, ctx.device):
+                model = method.prepare(model, ctx)
+                trainable = count_trainable(model)
+        with training_class_space(model, train_class_space(ctx, method)):
+            with removed_on_failure(created):
+                with eval_memory_advice(config, ctx.device):
+                    method.setup(model, ctx)
+                if main:
+                    start_run_directory(config, resume, overwrite)
+            engine = Engine(config.train, config.optim, config.data.batch_size)
+            summary = engine.fit(method, model, ctx, resume=resume)
         with eval_memory_advice(config, ctx.device):
-            method.setup(model, ctx)
-        engine = Engine(config.train, config.optim, config.data.batch_size)
-        summary = engine.fit(method, model, ctx, resume=resume)
-    with eval_memory_advice(config, ctx.device):
-        predictor = method.finalize(model, ctx)
-    train_seconds = time.perf_counter() - start
-    if summary.stopped_early:
-        log(f"stopped after step {summary.steps} (train.stop_after); continue with --resume")
-        return {}
-    if main:
-        save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
-    scaling = config.evaluate.temperature_scaling
-    with eval_memory_advice(config, ctx.device):
-        metrics = evaluate_splits(
-            predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers, temperature_scaling=scaling
-        )
-    entry = summarize(metrics)
-    entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
-    entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
-    if main:
-        (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    distributed.barrier()  # the run directory is complete before any rank returns
+            predictor = method.finalize(model, ctx)
+        train_seconds = summary.previous_train_seconds + time.perf_counter() - start
+        if summary.stopped_early:
+            log(f"stopped after step {summary.steps} (train.stop_after); continue with --resume")
+            return {}
+        if main:
+            save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
+        scaling = config.evaluate.temperature_scaling
+        with eval_memory_advice(config, ctx.device):
+            metrics = evaluate_splits(
+                predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers, temperature_scaling=scaling
+            )
+        entry = summarize(metrics)
+        entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
+        entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
+        results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
+        if main:
+            try:
+                atomic_write_json(run_dir / RESULTS_FILE, results)
+            except RobustftError:
+                log(f"not saved, the results were: {json.dumps(results)}")  # the evaluation is not lost
+                raise
+        distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def resolved_config(config: RunConfig) -> dict[str, Any]:
+    """What config.yaml holds: the whole config, method options and defaults filled in, as plain JSON values."""
+    data = config.model_dump(mode="json")
+    data["method"] = {"name": config.method.name, **method_options(config).model_dump(mode="json")}
+    return json.loads(json.dumps(data))
+
+
+def check_finished_run(config: RunConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse to change a finished run; its results when ``resume`` finds it finished with this config."""
+    run_dir = config.run_dir
+    if overwrite or not is_finished(run_dir):
+        return None
+    if not resume:
+        raise RunDirectoryError(
+            f"{run_dir}: holds a finished run ({RESULTS_FILE}); refusing to overwrite it: use another name "
+            "(--set name=...), or --overwrite to replace it"
+        )
+    saved = read_yaml_mapping(run_dir / "config.yaml")
+    differences = config_differences(resolved_config(config), saved)
+    if differences:
+        raise RunDirectoryError(
+            f"{run_dir}: --resume of a finished run with a different config ({'; '.join(differences)}); "
+            "refusing to change it: use another name (--set name=...), or --overwrite to replace it"
+        )
+    return read_json_object(run_dir / RESULTS_FILE)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Name a torn checkpoint or a corrupt metrics.jsonl before anything is loaded or written."""
+    checkpoint = run_dir / LAST_CHECKPOINT
+    if checkpoint.is_file() and not zipfile.is_zipfile(checkpoint):  # torch.save writes a zip, its index last
+        raise CheckpointError(f"{checkpoint}: corrupt or truncated checkpoint (no zip index: a torn write?)")
+    if (run_dir / METRICS_FILE).is_file():
+        read_jsonl(run_dir / METRICS_FILE)  # a torn last line is dropped on resume; a bad line before it is named
+
+
+def start_run_directory(config: RunConfig, resume: bool, overwrite: bool = False) -> None:
+    """Clear what an earlier run left (all of it unless resuming; its results when overwriting) and write
+    config.yaml, atomically. results.json goes first: a run replaced half-way never looks finished."""
+    run_dir = config.run_dir
+    stale = [RESULTS_FILE, FINAL_CHECKPOINT] if overwrite or not resume else []
+    stale += [LAST_CHECKPOINT, METRICS_FILE] if not resume else []
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
+    write_resolved_config(config, run_dir / "config.yaml", method_options(config))
 
 
 def train_class_space(ctx: RunContext, method: Method) -> ClassSpace:
@@ -219,13 +305,32 @@ def is_json_value(value: Any) -> bool:
 
 
 def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Re-evaluate a finished run from its resolved config and final checkpoint."""
+    """Re-evaluate a finished run from its resolved config and final checkpoint.
+
+    Every file is read and checked before the evaluation starts (a torn results.json is named at
+    once, not after a long evaluation), and the new results.json is written atomically.
+    """
+    run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     config = config.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
+    previous = run_dir / RESULTS_FILE
+    saved = read_json_object(previous).get("methods") if previous.is_file() else None
+    if saved is not None and not isinstance(saved, dict):
+        raise RunDirectoryError(f"{previous}: corrupt: 'methods' is not a mapping of method names to results")
+    check_writable_location(run_dir)
     distributed.init_from_env(resolve_device(config.train.device))
     main = distributed.is_main_process()
-    method: Method = build_method(config, str(run_dir / "config.yaml"))
+    with RunLock(run_dir) if main else nullcontext():
+        results = _evaluate_locked(config, run_dir, saved, main, log)
+    distributed.barrier()
+    return results
+
+
+def _evaluate_locked(
+    config: RunConfig, run_dir: Path, saved: dict[str, Any] | None, main: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
     prepared = prepare_run(config, log if main else _quiet)
+    method: Method = build_method(config, str(run_dir / "config.yaml"))
     check_checkpoint_classes(run_dir / FINAL_CHECKPOINT, prepared.ctx.class_names)
     predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx
@@ -233,14 +338,15 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
     with eval_memory_advice(config, ctx.device):
         metrics = evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, temperature_scaling=scaling)
     entry = summarize(metrics)
-    previous = run_dir / RESULTS_FILE
     name = method.result_name
-    if previous.is_file():
-        saved = json.loads(previous.read_text())["methods"]
+    if saved:
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
         entry = {**saved.get(name, {}), **entry}
     results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {name: entry}}
     if main:
-        previous.write_text(json.dumps(results, indent=2))
-    distributed.barrier()
+        try:
+            atomic_write_json(run_dir / RESULTS_FILE, results)
+        except RobustftError:
+            log(f"not saved, the results were: {json.dumps(results)}")  # the evaluation is not lost
+            raise
     return results

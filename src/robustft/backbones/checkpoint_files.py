@@ -9,6 +9,7 @@ one-line ``CheckpointError`` that names the file, because the CLI prints exactly
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from robustft.errors import CheckpointError
+from robustft.errors import CheckpointError, ConfigError
 from robustft.files import atomic_write
 
 # Keys under which training scripts nest the weights ({"epoch": 3, "state_dict": {...}, ...}).
@@ -54,25 +55,42 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _read_pickle(path: Path) -> object:
+    return load_torch_file(path)
+
+
+def load_torch_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` on the CPU; any failure one CheckpointError, and no warning lines
+    (torch warns about a pickle protocol it does not expect before it refuses the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
-            raise CheckpointError(
-                f"{path}: refusing to load: the file is a pickle that needs code execution "
-                "(weights_only=True rejected it); convert it to safetensors"
-            ) from error
-        raise CheckpointError(f"{path}: cannot read checkpoint, truncated or corrupt ({error})") from error
-    except Exception as error:  # zip/EOF/key errors from a damaged file, TorchScript archives
-        if "TorchScript" in str(error):
-            raise CheckpointError(
-                f"{path}: is a TorchScript archive (e.g. OpenAI's original CLIP .pt); save its "
-                "state_dict() as safetensors in a trusted session, or use the safetensors release"
-            ) from error
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint, truncated or corrupt ({type(error).__name__}: {first_line})"
-        ) from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise load_failure(path, error) from None
+
+
+def load_failure(path: Path, error: Exception) -> CheckpointError:
+    """One line for a failed ``torch.load(weights_only=True)``: *unsafe* only when the file asks for a Python
+    object (a pickle GLOBAL that weights_only refused); a truncated or damaged file is *corrupt*.
+
+    torch wraps every failure of its weights-only unpickler in one UnpicklingError, torn files included,
+    so the kind is read from the message.
+    """
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) and ("GLOBAL" in text or "Unsupported global" in text):
+        refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+        return CheckpointError(
+            f"{path}: refusing to load: the file is a pickle that needs code execution, unsafe ({refused}; "
+            "weights_only=True rejected it); convert it to safetensors in a trusted session"
+        )
+    if "TorchScript" in text:
+        return CheckpointError(
+            f"{path}: is a TorchScript archive (e.g. OpenAI's original CLIP .pt); save its "
+            "state_dict() as safetensors in a trusted session, or use the safetensors release"
+        )
+    detail = text.split("compatible with your use case: ")[-1].split("Check the documentation of torch.load")[0]
+    first_line = " ".join(detail.split()) or type(error).__name__  # the unpickler's own reason, on one line
+    return CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: {first_line[:200]})")
 
 
 def _unwrap(obj: object) -> object:
@@ -162,21 +180,73 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], path:
         for key, value in expected.items()
         if key in state and state[key].shape != value.shape
     ]
+    kinds = [
+        f"{key} {state[key].dtype} vs {value.dtype}"
+        for key, value in expected.items()
+        if key in state and state[key].dtype.is_floating_point != value.dtype.is_floating_point
+    ]
     problems = [
         _describe(name, keys)
         for name, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches (checkpoint vs model)", mismatched),
+            ("dtype mismatches, floating vs integer (checkpoint vs model)", kinds),
         )
         if keys
     ]
     if problems:
-        raise CheckpointError(f"{path}: does not match {what}: " + "; ".join(problems))
+        raise CheckpointError(f"{path}: does not match {what}: " + "; ".join(problems) + " (incompatible checkpoint)")
+    check_finite(state, [name for name, _ in module.named_parameters()], path)
     try:
         module.load_state_dict(dict(state), strict=True)
     except RuntimeError as error:  # a module's own load hooks can still object
-        raise CheckpointError(f"{path}: does not match {what}: {str(error).splitlines()[0]}") from error
+        raise CheckpointError(
+            f"{path}: does not match {what}: {str(error).splitlines()[0]} (incompatible checkpoint)"
+        ) from error
+
+
+def check_finite(state: Mapping[str, Tensor], names: list[str], path: str | Path) -> None:
+    """Refuse weights holding NaN or inf: a model loaded from them predicts nothing (one reduction per tensor,
+    one host sync for all)."""
+    floating = [name for name in names if name in state and state[name].is_floating_point()]
+    if not floating:
+        return
+    finite = torch.stack([torch.isfinite(state[name]).all() for name in floating]).tolist()
+    bad = [name for name, ok in zip(floating, finite, strict=True) if not ok]
+    if bad:
+        raise CheckpointError(f"{path}: corrupt: {_describe('weight tensors hold NaN or inf', bad)}")
+
+
+def load_index_file(path: str | Path, sizes: Mapping[str, int], key: str) -> dict[str, Tensor]:
+    """A file of index tensors (a SAFT selection): ``{name: 1-D integer indices into a tensor of sizes[name]}``.
+
+    Each must be integer (not float or bool), one-dimensional, in ``[0, size)`` and without repeats: a
+    negative index would address the tensor from its end, and a float one cannot index at all.
+
+    Raises:
+        ConfigError: naming ``key`` (the config key that points at the file), the file and the bad tensor.
+    """
+    try:
+        indices = load_state_dict_file(path)
+    except CheckpointError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    for name, index in indices.items():
+        where = f"{key}: {path}: indices of {name!r}"
+        if name not in sizes:
+            raise ConfigError(f"{key}: {path} selects from {name!r}, which this model lacks")
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise ConfigError(f"{where} are {index.dtype}, expected integers")
+        if index.ndim != 1:
+            raise ConfigError(f"{where} have shape {tuple(index.shape)}, expected one dimension")
+        if index.numel() == 0:
+            continue
+        low, high = index.aminmax()
+        if int(low) < 0 or int(high) >= sizes[name]:
+            raise ConfigError(f"{where} out of range: {int(low)}..{int(high)}, the tensor has {sizes[name]} entries")
+        if index.unique().numel() != index.numel():
+            raise ConfigError(f"{where} repeat an index ({index.numel() - index.unique().numel()} duplicates)")
+    return indices
 
 
 def _describe(name: str, keys: list[str]) -> str:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.zero_shot import classifier_head, prototype_head
 from robustft.config import ModelConfig
-from robustft.errors import ConfigError
+from robustft.errors import ConfigError, DataError
 
 EmbedSplit = Callable[[nn.Module], tuple[Tensor, Tensor]]
 
@@ -99,5 +99,13 @@ def build_classifier(
         raise ConfigError("model.zero_shot_head: 'prototypes' needs the training split")
     with torch.no_grad():
         embeddings, labels = embed_train(loaded.backbone)
+    counts = torch.bincount(labels.long(), minlength=len(class_names))[: len(class_names)]
+    empty = [class_names[i] for i in (counts == 0).nonzero().flatten().tolist()]
+    if empty:
+        raise DataError(
+            f"the train split has no example of class {empty[0]!r} ({len(empty)} of {len(class_names)} classes have "
+            f"none: {', '.join(empty[:5])}); a class-prototype head needs one per class: check data.class_names "
+            "and the train split's folders / CSV"
+        )
     head = prototype_head(embeddings, labels, len(class_names), config.prototype_scale)
     return ImageClassifier(loaded.backbone, head, normalize_features=True, data_config=loaded.data_config)

@@ -82,7 +82,7 @@ def run_posthoc(
     source = f"{Path(inputs[0]) / 'config.yaml'} (method {method})"
     config = parse_config(raw, source=source)
     method_options(config, source)
-    return fit(config, log=log)
+    return fit(config, log=log, overwrite=True)  # a derived run is re-made from its inputs
 
 
 def run_soups(

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from robustft import distributed
+from robustft.backbones.checkpoint_files import load_index_file
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, register_method
@@ -107,14 +108,8 @@ def load_selection(path: Path, model: nn.Module) -> dict[str, Tensor]:
     """A saved selection, checked against ``model`` (names exist, indices in range)."""
     if not Path(path).is_file():
         raise ConfigError(f"method.selection_path: file not found: {path}")
-    selection = load_file(str(path))
-    parameters = dict(model.named_parameters())
-    for name, index in selection.items():
-        if name not in parameters:
-            raise ConfigError(f"method.selection_path: {path} selects from {name!r}, which this model lacks")
-        if index.numel() and int(index.max()) >= parameters[name].numel():
-            raise ConfigError(f"method.selection_path: {path}: indices of {name!r} out of range")
-    return selection
+    sizes = {name: parameter.numel() for name, parameter in model.named_parameters()}
+    return load_index_file(path, sizes, "method.selection_path")  # integer, in range, unique; torn or unsafe named
 
 
 def _shard_batches(ctx: RunContext, split: str):
