@@ -121,6 +121,14 @@ class Engine:
             return FitSummary(0, 0.0, None, False)
         distributed.check_batch_size(self.batch_size)
         distributed.broadcast_module(model)  # every rank starts from rank 0's weights, as DDP does
+        sharded = self._shard(method, model, ctx.device)
+        if sharded is not None:  # train the sharded copy; its weights go back into ``model`` at the end
+            model = sharded.module
+            groups = method.parameter_groups(model, self.optim.weight_decay)
+            if sharded.is_sharded:
+                ctx.log(
+                    f"train.strategy=fsdp: {sharded.units} blocks and the root sharded over {distributed.world_size()}"
+                )
         main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
         warmup = int(self.optim.warmup_fraction * total)
@@ -135,7 +143,7 @@ class Engine:
             if main:
                 remove_stale_temporaries(checkpoint_path)
             checkpoint = load_training_state(checkpoint_path)
-            resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path)
+            resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path, sharded)
             ctx.log(f"resumed from {checkpoint_path} at step {resumed_from}")
             if main:
                 _truncate_jsonl(ctx.run_dir / "metrics.jsonl", resumed_from)
@@ -152,7 +160,9 @@ class Engine:
         start = time.perf_counter()
         while state.step < stop_at:
             try:
-                logs = self._step(method, model, optimizer, batches, ctx.device, state.step)
+                logs = self._step(
+                    method, model, optimizer, batches, ctx.device, state.step, sharded is None or not sharded.is_sharded
+                )
             except NonFiniteLossError as error:
                 progress.close()
                 tracker.close()
@@ -168,27 +178,40 @@ class Engine:
                 tracker.log_metrics(state.step, logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % self.train.checkpoint_every == 0 or state.step == stop_at:
+                if main or sharded is not None:  # gathering a sharded state takes every rank
+                    snapshot = state.capture(model, optimizer, scheduler, method, sharded)
                 if main:
-                    save_training_state(state.capture(model, optimizer, scheduler, method), checkpoint_path)
+                    save_training_state(snapshot, checkpoint_path)
                 saved_at = state.step
         progress.close()
         tracker.close()
+        if sharded is not None:
+            sharded.write_back()
         return FitSummary(state.step, time.perf_counter() - start, resumed_from, state.step < total)
+
+    def _shard(self, method: Method, model: nn.Module, device: torch.device) -> distributed.ShardedModel | None:
+        """``train.strategy=fsdp``: an FSDP2-sharded copy over several processes (one process: the model itself,
+        with the same name-keyed checkpoints, so a run resumes on any number of processes)."""
+        distributed.check_strategy(self.train.strategy, method.name)
+        if self.train.strategy != "fsdp":
+            return None
+        bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and device.type == "cuda")
+        return distributed.ShardedModel(model, device, torch.bfloat16 if bf16 else None)
 
     def _tracked_params(self) -> dict[str, Any]:
         sections = {"train": self.train.model_dump(mode="json"), "optim": self.optim.model_dump(mode="json")}
         return flat_params(sections) | {"data.batch_size": self.batch_size}
 
-    def _step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
+    def _step(self, method, model, optimizer, batches, device, step: int, reduce: bool = True) -> dict[str, float]:
         """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""
         try:
-            return self._optimizer_step(method, model, optimizer, batches, device, step)
+            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce)
         except torch.cuda.OutOfMemoryError:
             processes = distributed.world_size()
             advice = out_of_memory_advice(self.batch_size, self.train.grad_accumulation, device, processes)
             raise OutOfMemoryError(advice) from None
 
-    def _optimizer_step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
+    def _optimizer_step(self, method, model, optimizer, batches, device, step: int, reduce=True) -> dict[str, float]:
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
         for _ in range(accumulation):
@@ -201,7 +224,7 @@ class Engine:
             (loss / accumulation).backward()
             total_loss += loss.detach().float() / accumulation
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        loss_value, logs = _reduce_over_ranks(total_loss, logs, params)  # one sync per optimiser step
+        loss_value, logs = _reduce_over_ranks(total_loss, logs, params, reduce)  # one sync per optimiser step
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value}")
         method.after_backward(model, step)
@@ -212,11 +235,12 @@ class Engine:
         return {"loss": loss_value, **logs}
 
 
-def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor]):
+def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor], gradients: bool = True):
     """The step's loss and logs as floats; across ranks, also average them and the gradients.
 
     One small all-reduce carries the loss, the logs and the number of gradient tensors (and its
-    square): every rank sees the same global loss, so a NaN stops all ranks together, and a rank
+    square): every rank sees the same global loss (FSDP has reduce-scattered the gradients already:
+    ``gradients`` False), so a NaN stops all ranks together, and a rank
     whose method produced gradients for other parameters is caught instead of deadlocking the
     bucketed gradient all-reduce that follows (equal sums of k and k^2 hold only when all k agree).
     """
@@ -233,7 +257,7 @@ def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch
             "every rank must use the same parameters in each step (a data-dependent branch in the method's loss?)"
         )
     means = (summary[:-2] / processes).tolist()
-    if math.isfinite(means[0]):
+    if math.isfinite(means[0]) and gradients:
         distributed.all_reduce_mean_(grads)
     return means[0], dict(zip(logs, means[1:], strict=True))
 
@@ -292,7 +316,7 @@ class _TrainState:
                 self.micro_batches += 1
                 yield images, labels, weight
 
-    def capture(self, model, optimizer, scheduler, method: Method) -> dict[str, Any]:
+    def capture(self, model, optimizer, scheduler, method: Method, sharded=None) -> dict[str, Any]:
         numpy_state = np.random.get_state()
         rng = {
             "torch": torch.get_rng_state(),
@@ -304,22 +328,27 @@ class _TrainState:
         return {
             "step": self.step,
             "micro_batches": self.micro_batches,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": sharded.model_state() if sharded else model.state_dict(),
+            "optimizer": sharded.optimizer_state(optimizer) if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "method": method.state_dict(),
             "rng": rng,
         }
 
-    def restore(self, state: dict[str, Any], model, optimizer, scheduler, method: Method, path: Path) -> int:
+    def restore(
+        self, state: dict[str, Any], model, optimizer, scheduler, method: Method, path: Path, sharded=None
+    ) -> int:
         """Load a checkpoint into this run; a checkpoint of another model or method is a CheckpointError."""
         required = ("step", "micro_batches", "model", "optimizer", "scheduler", "rng")
         missing = [key for key in required if key not in state]
         if missing:
             raise CheckpointError(f"{path}: not a robustft training checkpoint (missing {', '.join(missing)})")
-        load_state_dict_strict(model, state["model"], path, f"this run's model (method {method.name})")
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded is not None:  # a full checkpoint scattered into this world size's shards
+                sharded.load(state["model"], state["optimizer"], optimizer)
+            else:
+                load_state_dict_strict(model, state["model"], path, f"this run's model (method {method.name})")
+                optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(
                 f"{path}: its optimiser state does not match this run's parameter groups ({error}); "
