@@ -19,6 +19,37 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
 
+# The launcher options compare / sweep / domainbed share (robustft.launchers; docs/distributed.md).
+_LAUNCH = "Launcher (one job per run)"
+LauncherOption = Annotated[
+    str, typer.Option(help="local: runs one after another here; submitit: one job per run", rich_help_panel=_LAUNCH)
+]
+ClusterOption = Annotated[
+    str, typer.Option(help="submitit executor: slurm (sbatch) or local (subprocesses)", rich_help_panel=_LAUNCH)
+]
+PartitionOption = Annotated[str | None, typer.Option(help="SLURM partition", rich_help_panel=_LAUNCH)]
+AccountOption = Annotated[str | None, typer.Option(help="SLURM account", rich_help_panel=_LAUNCH)]
+GpusOption = Annotated[
+    int, typer.Option(help="GPUs per job (several: torchrun inside the job)", rich_help_panel=_LAUNCH)
+]
+TimeOption = Annotated[
+    int, typer.Option("--time", help="minutes per job before it is requeued and resumes", rich_help_panel=_LAUNCH)
+]
+ParallelOption = Annotated[int, typer.Option(help="at most this many jobs at once", rich_help_panel=_LAUNCH)]
+RetriesOption = Annotated[
+    int, typer.Option(help="resubmissions of a job that died without requeueing", rich_help_panel=_LAUNCH)
+]
+
+
+def _launcher(launcher: str, cluster: str, partition, account, gpus_per_job: int, time_minutes: int, parallel, retries):
+    """The launcher the options describe; submitit is imported only when asked for."""
+    if launcher == "local":
+        return None
+    from robustft.launchers import ClusterOptions, make_launcher
+
+    options = ClusterOptions(cluster, partition, account, gpus_per_job, None, time_minutes, parallel, retries)
+    return make_launcher(launcher, options)
+
 
 @app.command()
 def demo(
@@ -90,13 +121,24 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="run config (YAML) every point starts from")],
     grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,... (repeatable; all combinations)")],
     overrides: SetOption = None,
+    launcher: LauncherOption = "local",
+    cluster: ClusterOption = "slurm",
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    gpus_per_job: GpusOption = 0,
+    time_minutes: TimeOption = 60,
+    array_parallelism: ParallelOption = 8,
+    max_retries: RetriesOption = 1,
 ) -> None:
     """Fit every point of a hyper-parameter grid into <output_dir>/<name>/<point>/; finished points are skipped."""
     from rich.table import Table
 
     from robustft.sweep import parse_grid_option, run_sweep
 
-    result = run_sweep(config, [parse_grid_option(g) for g in grid], overrides, log=console.print)
+    chosen = _launcher(
+        launcher, cluster, partition, account, gpus_per_job, time_minutes, array_parallelism, max_retries
+    )
+    result = run_sweep(config, [parse_grid_option(g) for g in grid], overrides, log=console.print, launcher=chosen)
     table = Table("point", "status", "ID", "OOD avg", title=f"sweep: {result.directory}")
     for point in result.points:
         entry = next(iter((point.results or {}).get("methods", {}).values()), {})
@@ -290,6 +332,14 @@ def domainbed(
     methods: Annotated[str | None, typer.Option(help="methods, e.g. finetune,lora(rank=8) (domainbed.methods)")] = None,
     trials: Annotated[int | None, typer.Option(help="trials per held-out domain (domainbed.trials)")] = None,
     test_domains: Annotated[str | None, typer.Option(help="held-out domains, comma-separated (default all)")] = None,
+    launcher: LauncherOption = "local",
+    cluster: ClusterOption = "slurm",
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    gpus_per_job: GpusOption = 0,
+    time_minutes: TimeOption = 60,
+    array_parallelism: ParallelOption = 8,
+    max_retries: RetriesOption = 1,
 ) -> None:
     """DomainBed protocol: every held-out domain x trial x method into <output_dir>/<name>/; resumable.
 
@@ -313,7 +363,10 @@ def domainbed(
         if value is not None:
             set_key(raw, f"domainbed.{key}", value, option=f"--{key.replace('_', '-')}")
     plan = plan_domainbed(raw, source=str(config))
-    summary = run_domainbed(plan, log=console.print)
+    chosen = _launcher(
+        launcher, cluster, partition, account, gpus_per_job, time_minutes, array_parallelism, max_retries
+    )
+    summary = run_domainbed(plan, log=console.print, launcher=chosen)
     table = Table("method", *plan.test_domains, "Avg", title=f"DomainBed: {plan.directory} (held-out accuracy %)")
     for method, row in summary["table"].items():
         table.add_row(method, *(format_cell(row[d]) for d in [*plan.test_domains, "avg"]))
@@ -367,6 +420,14 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2 (compare.seeds)")] = None,
     out: Annotated[Path | None, typer.Option(help="comparison directory (default: <output_dir>/<name>)")] = None,
     overrides: SetOption = None,
+    launcher: LauncherOption = "local",
+    cluster: ClusterOption = "slurm",
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    gpus_per_job: GpusOption = 0,
+    time_minutes: TimeOption = 60,
+    array_parallelism: ParallelOption = 8,
+    max_retries: RetriesOption = 1,
 ) -> None:
     """Every chosen method on the config's data, each seed, into one leaderboard; finished runs are reused.
 
@@ -394,6 +455,9 @@ def compare(
         progress=base.train.progress,
         settings=settings,
         source=str(config),
+        launcher=_launcher(
+            launcher, cluster, partition, account, gpus_per_job, time_minutes, array_parallelism, max_retries
+        ),
     )
     if comparison.leaderboard is None:
         raise typer.Exit(1)

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field, ValidationError
@@ -67,6 +67,9 @@ from robustft.run_directory import config_differences
 from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
 from robustft.safe_io import read_json_object, read_yaml_mapping
 from robustft.sweep import point_name
+
+if TYPE_CHECKING:
+    from robustft.launchers import Launcher
 
 LEADERBOARD = "leaderboard"
 RUNS_MANIFEST = "compare_runs.json"
@@ -301,6 +304,7 @@ def execute_comparison(
     seed_dirs: bool = True,
     source: str = "config",
     title: str | None = None,
+    launcher: Launcher | None = None,
 ) -> Comparison:
     """Every planned run of every seed (fitted, or read back when finished), then the leaderboard and report.
 
@@ -334,8 +338,11 @@ def execute_comparison(
     kinds: dict[str, str] = {}
     costs: dict[int, dict[str, dict[str, Any]]] = {}
     runs: dict[int, dict[str, str]] = {}
+    roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
+    all_plans = [plan for seed in seeds for plan in plan_seed(base, names, seed, roots[seed], settings, progress)]
+    launched = launcher.execute(launcher.comparison_tasks(all_plans), out, log) if launcher else {}
     for seed in seeds:
-        root = out / f"seed{seed}" if seed_dirs else out
+        root = roots[seed]
         plans = plan_seed(base, names, seed, root, settings, progress)
         for saved in [plan.run_dir / "config.yaml" for plan in plans if (plan.run_dir / "config.yaml").is_file()]:
             read_yaml_mapping(saved)  # a torn or unsafe config.yaml is named before any run of the seed starts
@@ -345,7 +352,10 @@ def execute_comparison(
         costs[seed], runs[seed] = {}, {}
         for plan in plans:
             results, status = seed_run.run(plan, redone)
-            statuses.append({"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status})
+            entry = {"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status}
+            if plan.run_dir in launched:  # run by a job: its status, not the read-back's
+                entry |= {"status": launched[plan.run_dir].status, "job_id": launched[plan.run_dir].job_id}
+            statuses.append(entry)
             _write_manifest(out, statuses)
             if not results:
                 log(f"{plan.run_dir}: stopped early (train.stop_after); run the same command again to continue")

@@ -267,3 +267,107 @@ def gather_shards(tensor: Tensor) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(gathered, padded)
     return torch.cat([part[: shape[0]] for part, shape in zip(gathered, shapes, strict=True)]).cpu()
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+# Methods whose training touches the model only through ``model(images)`` and the optimiser, which is what
+# FSDP's all-gather-in-forward / reduce-scatter-in-backward hooks serve. The others, and why not:
+SHARDABLE_METHODS = frozenset({"finetune", "lp_ft", "linear_probe", "lora"})
+UNSHARDABLE_REASONS = {
+    "flyp": "its loss calls the image and text towers' embeddings outside model(images)",
+    "masked_counterfactual": "its CAM rollout and frozen teacher call the model outside model(images)",
+    "l2_sp": "its penalty compares every whole weight tensor with its pre-trained copy",
+    "gmixout": "its after_step mixes whole weight tensors with an EMA anchor under masks",
+    "mixout": "it masks whole weight tensors against the pre-trained ones",
+    "saft": "it masks gradient entries by their index in the whole tensor",
+    "mixture_of_adapters": "its router statistics are read from the blocks outside model(images)",
+}
+
+
+def check_strategy(strategy: str, method: str) -> None:
+    """``train.strategy=fsdp`` with a method it cannot shard is one ``ConfigError`` naming why."""
+    if strategy == "fsdp" and method not in SHARDABLE_METHODS:
+        reason = UNSHARDABLE_REASONS.get(method, "it has not been checked under sharding")
+        raise ConfigError(
+            f"train.strategy=fsdp: method {method} cannot train sharded ({reason}); use train.strategy=ddp "
+            f"(shardable: {', '.join(sorted(SHARDABLE_METHODS))})"
+        )
+
+
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of ``model`` (children of a ModuleList / Sequential of one class with parameters).
+
+    Each becomes one FSDP unit, so only one block's full weights exist at a time in the forward and
+    backward (the ``transformer_auto_wrap_policy`` of FSDP1, without naming a block class per backbone).
+    """
+    units = []
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = list(module.children())
+            same = len(children) >= 2 and len({type(child) for child in children}) == 1
+            if same and any(True for _ in children[0].parameters()):
+                units.extend(children)
+    return units
+
+
+class ShardedModel:
+    """A copy of the model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) for training.
+
+    The engine trains the copy and writes the consolidated weights back into the original at the end, so
+    evaluation, post-hoc methods and ``final.safetensors`` see an ordinary module (a consolidated safetensors
+    at the end). The original's parameters are moved to the CPU while the copy trains, so the device holds
+    only the shards. Checkpoints hold the full (consolidated) model and optimiser state keyed by parameter
+    name (``torch.distributed.checkpoint.state_dict``), so they load on any number of processes, under
+    either strategy.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, param_dtype: torch.dtype | None) -> None:
+        import copy
+
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.original, self.module, self.device, self.units = model, model, device, 0
+        self.is_sharded = world_size() > 1  # one process trains the model itself, with the same checkpoints
+        if not self.is_sharded:
+            return
+        self.module = copy.deepcopy(model)
+        model.to("cpu")
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        units = sharding_units(self.module)
+        for unit in reversed(units):  # inner units first, as fully_shard requires
+            fully_shard(unit, mp_policy=policy)
+        self.units = len(units)
+        fully_shard(self.module, mp_policy=policy)
+
+    def _options(self, **kwargs: Any):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, **kwargs)
+
+    def model_state(self, every_rank: bool = False) -> dict[str, Tensor]:
+        """The full model state dict, on the CPU of rank 0 (or of ``every_rank``); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module, options=self._options(cpu_offload=not every_rank))
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, optimizer, options=self._options(cpu_offload=True))
+
+    def load(self, model_state: dict[str, Tensor], optimizer_state: dict[str, Any], optimizer) -> None:
+        """Scatter a full checkpoint's model and optimiser state into the shards (any world size)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.module, model_state, options=self._options())
+        set_optimizer_state_dict(self.module, optimizer, optimizer_state, options=self._options())
+
+    def write_back(self) -> nn.Module:
+        """The original module, on its device again, holding the trained (consolidated) weights."""
+        if not self.is_sharded:
+            return self.original
+        state = self.model_state(every_rank=True)
+        self.original.to(self.device)
+        self.original.load_state_dict(state)
+        return self.original

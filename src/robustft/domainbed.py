@@ -265,10 +265,14 @@ def load_domainbed_config(path: Path | str, overrides: list[str] | None = None) 
     return apply_overrides(read_config_yaml(path), overrides or [])
 
 
-def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print, launcher: Any = None) -> dict[str, Any]:
     """Run every candidate not finished yet (one loaded model + data per held-out domain and trial),
-    write ``domainbed.json`` / ``domainbed.md`` after each, and return the summary (``summarize``)."""
+    write ``domainbed.json`` / ``domainbed.md`` after each, and return the summary (``summarize``).
+    ``launcher`` (:mod:`robustft.launchers`) runs them as jobs first."""
     from robustft.sweep import run_point
+
+    candidates = [candidate for cell in plan.cells for candidate in cell.candidates]
+    launched = launcher.execute(launcher.point_tasks(candidates), plan.directory, log) if launcher else {}
 
     cache: dict[str, Any] = {}
     total = sum(len(cell.candidates) for cell in plan.cells)
@@ -278,7 +282,12 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print) -> di
             done += 1
             where = f"[{done}/{total}] {cell.method} / {cell.test_domain} / trial{cell.trial}"
             where += f" / {candidate.name}" if len(cell.candidates) > 1 else ""
-            run_point(candidate, cache, where, log)  # a diverging candidate loses the selection, the protocol goes on
+            if candidate.run_dir in launched:  # run by a job
+                candidate.results, candidate.status, candidate.error = launched[candidate.run_dir].point_state()
+            else:
+                run_point(
+                    candidate, cache, where, log
+                )  # a diverging candidate loses the selection, the protocol goes on
             if candidate.status != "skipped":
                 write_outputs(plan)
     return write_outputs(plan)

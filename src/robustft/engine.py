@@ -133,9 +133,18 @@ class Engine:
             return FitSummary(0, 0.0, None, False)
         distributed.check_batch_size(self.batch_size)
         distributed.broadcast_module(model)  # every rank starts from rank 0's weights, as DDP does
+        sharded = self._shard(method, model, ctx.device)
+        if sharded is not None:  # train the sharded copy; its weights go back into ``model`` at the end
+            model = sharded.module
+            groups = method.parameter_groups(model, self.optim.weight_decay)
+            if sharded.is_sharded:
+                ctx.log(
+                    f"train.strategy=fsdp: {sharded.units} blocks and the root sharded over {distributed.world_size()}"
+                )
         main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
         session = self.start(method, model, iter(()), ctx.device, total, groups=groups, bind=False)
+        session.reduce_gradients = sharded is None or not sharded.is_sharded  # FSDP reduces its own gradients
         optimizer, scheduler = session.optimizer, session.scheduler
         state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
         checkpoint_path = ctx.run_dir / "checkpoints" / "last.pt"
@@ -145,7 +154,7 @@ class Engine:
             remove_stale_temporaries(checkpoint_path)
         if resume and checkpoint_path.is_file():
             checkpoint = load_training_state(checkpoint_path)
-            resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path)
+            resumed_from = state.restore(checkpoint, model, optimizer, scheduler, method, checkpoint_path, sharded)
             previous_seconds = float(checkpoint.get("train_seconds", 0.0))
             ctx.log(f"resumed from {checkpoint_path} at step {resumed_from}")
         if main:  # lines after the checkpoint's step (all, without one) are redone: killed before or while saving
@@ -177,13 +186,16 @@ class Engine:
                 tracker.log_metrics(state.step, logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
             if state.step % self.train.checkpoint_every == 0 or state.step == stop_at:
+                if main or sharded is not None:  # gathering a sharded state takes every rank
+                    snapshot = state.capture(model, optimizer, scheduler, method, sharded)
                 if main:
-                    captured = state.capture(model, optimizer, scheduler, method)
-                    captured["train_seconds"] = previous_seconds + time.perf_counter() - start
-                    save_training_state(captured, checkpoint_path)
+                    snapshot["train_seconds"] = previous_seconds + time.perf_counter() - start
+                    save_training_state(snapshot, checkpoint_path)
                 saved_at = state.step
         progress.close()
         tracker.close()
+        if sharded is not None:
+            sharded.write_back()
         seconds = time.perf_counter() - start
         return FitSummary(state.step, seconds, resumed_from, state.step < total, previous_seconds)
 
@@ -213,20 +225,29 @@ class Engine:
             method.bind_optimizer(optimizer)
         return TrainingSession(self, method, model, optimizer, scheduler, batches, device)
 
+    def _shard(self, method: Method, model: nn.Module, device: torch.device) -> distributed.ShardedModel | None:
+        """``train.strategy=fsdp``: an FSDP2-sharded copy over several processes (one process: the model itself,
+        with the same name-keyed checkpoints, so a run resumes on any number of processes)."""
+        distributed.check_strategy(self.train.strategy, method.name)
+        if self.train.strategy != "fsdp":
+            return None
+        bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and device.type == "cuda")
+        return distributed.ShardedModel(model, device, torch.bfloat16 if bf16 else None)
+
     def _tracked_params(self) -> dict[str, Any]:
         sections = {"train": self.train.model_dump(mode="json"), "optim": self.optim.model_dump(mode="json")}
         return flat_params(sections) | {"data.batch_size": self.batch_size}
 
-    def _step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
+    def _step(self, method, model, optimizer, batches, device, step: int, reduce: bool = True) -> dict[str, float]:
         """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""
         try:
-            return self._optimizer_step(method, model, optimizer, batches, device, step)
+            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce)
         except torch.cuda.OutOfMemoryError:
             processes = distributed.world_size()
             advice = out_of_memory_advice(self.batch_size, self.train.grad_accumulation, device, processes)
             raise OutOfMemoryError(advice) from None
 
-    def _optimizer_step(self, method, model, optimizer, batches, device, step: int) -> dict[str, float]:
+    def _optimizer_step(self, method, model, optimizer, batches, device, step: int, reduce=True) -> dict[str, float]:
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
         for _ in range(accumulation):
@@ -239,7 +260,7 @@ class Engine:
             (loss / accumulation).backward()
             total_loss += loss.detach().float() / accumulation
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        loss_value, logs = _reduce_over_ranks(total_loss, logs, params)  # one sync per optimiser step
+        loss_value, logs = _reduce_over_ranks(total_loss, logs, params, reduce)  # one sync per optimiser step
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value}")
         method.after_backward(model, step)
@@ -266,13 +287,17 @@ class TrainingSession:
     batches: Iterator[WeightedBatch]
     device: torch.device
     step_index: int = 0
+    reduce_gradients: bool = True
+    """All-reduce the gradients over ranks after the backward (off when FSDP reduce-scatters them itself)."""
 
     def step(self) -> dict[str, float]:
         """One whole optimiser step as ``Engine.fit`` runs it: ``loss`` over ``grad_accumulation`` batches
         under the run's precision, backward, ``after_backward``, clipping, the optimiser and schedule, then
         ``after_step``. Returns the step's logs (``loss`` and the method's own)."""
         engine, method, model = self.engine, self.method, self.model
-        logs = engine._step(method, model, self.optimizer, self.batches, self.device, self.step_index)
+        logs = engine._step(
+            method, model, self.optimizer, self.batches, self.device, self.step_index, self.reduce_gradients
+        )
         self.scheduler.step()
         method.after_step(model, self.step_index)
         self.step_index += 1
@@ -288,7 +313,8 @@ def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch
     """The step's loss and logs as floats; across ranks, also average them and the gradients.
 
     One small all-reduce carries the loss, the logs and the number of gradient tensors (and its
-    square): every rank sees the same global loss, so a NaN stops all ranks together, and a rank
+    square): every rank sees the same global loss (FSDP has reduce-scattered the gradients already:
+    ``gradients`` False), so a NaN stops all ranks together, and a rank
     whose method produced gradients for other parameters is caught instead of deadlocking the
     bucketed gradient all-reduce that follows (equal sums of k and k^2 hold only when all k agree).
     """
@@ -305,7 +331,7 @@ def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch
             "every rank must use the same parameters in each step (a data-dependent branch in the method's loss?)"
         )
     means = (summary[:-2] / processes).tolist()
-    if math.isfinite(means[0]):
+    if math.isfinite(means[0]) and gradients:
         distributed.all_reduce_mean_(grads)
     return means[0], dict(zip(logs, means[1:], strict=True))
 
@@ -364,7 +390,7 @@ class _TrainState:
                 self.micro_batches += 1
                 yield images, labels, weight
 
-    def capture(self, model, optimizer, scheduler, method: Method) -> dict[str, Any]:
+    def capture(self, model, optimizer, scheduler, method: Method, sharded=None) -> dict[str, Any]:
         numpy_state = np.random.get_state()
         rng = {
             "torch": torch.get_rng_state(),
@@ -376,22 +402,27 @@ class _TrainState:
         return {
             "step": self.step,
             "micro_batches": self.micro_batches,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": sharded.model_state() if sharded else model.state_dict(),
+            "optimizer": sharded.optimizer_state(optimizer) if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "method": method.state_dict(),
             "rng": rng,
         }
 
-    def restore(self, state: dict[str, Any], model, optimizer, scheduler, method: Method, path: Path) -> int:
+    def restore(
+        self, state: dict[str, Any], model, optimizer, scheduler, method: Method, path: Path, sharded=None
+    ) -> int:
         """Load a checkpoint into this run; a checkpoint of another model or method is a CheckpointError."""
         required = ("step", "micro_batches", "model", "optimizer", "scheduler", "rng")
         missing = [key for key in required if key not in state]
         if missing:
             raise CheckpointError(f"{path}: not a robustft training checkpoint (missing {', '.join(missing)})")
-        load_state_dict_strict(model, state["model"], path, f"this run's model (method {method.name})")
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded is not None:  # a full checkpoint scattered into this world size's shards
+                sharded.load(state["model"], state["optimizer"], optimizer)
+            else:
+                load_state_dict_strict(model, state["model"], path, f"this run's model (method {method.name})")
+                optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(
                 f"{path}: its optimiser state does not match this run's parameter groups ({error}); "

@@ -156,6 +156,7 @@ def run_sweep(
     axes: Sequence[GridAxis],
     overrides: list[str] | None = None,
     log: Callable[[str], None] = print,
+    launcher: Any = None,
 ) -> Sweep:
     """Run every point of the grid not finished yet; returns the sweep with each point's status and results.
 
@@ -163,9 +164,13 @@ def run_sweep(
     ``prepared``), which is what a cold start of each run would rebuild identically.
     """
     sweep = plan_sweep(config, axes, overrides)
+    launched = launcher.execute(launcher.point_tasks(sweep.points), sweep.directory, log) if launcher else {}
     cache: dict[str, Any] = {}
     for i, point in enumerate(sweep.points, 1):
-        run_point(point, cache, f"[{i}/{len(sweep.points)}] {point.name}", log)
+        if point.run_dir in launched:  # run by a job (robustft.launchers)
+            point.results, point.status, point.error = launched[point.run_dir].point_state()
+        else:
+            run_point(point, cache, f"[{i}/{len(sweep.points)}] {point.name}", log)
         if point.status != "skipped":
             write_manifest(sweep, config, axes)
     write_manifest(sweep, config, axes)
