@@ -309,7 +309,7 @@ def repeat_batch(images: torch.Tensor, labels: torch.Tensor) -> Iterator[Weighte
     return itertools.repeat((images, labels, 1.0))
 
 
-def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor]):
+def _reduce_over_ranks(total_loss: Any, logs: dict[str, Any], params: list[torch.Tensor], gradients: bool = True):
     """The step's loss and logs as floats; across ranks, also average them and the gradients.
 
     One small all-reduce carries the loss, the logs and the number of gradient tensors (and its
