@@ -30,6 +30,7 @@ from robustft.errors import ConfigError
 from robustft.evaluate import evaluate_splits, summarize
 from robustft.methods import RunContext, get_method
 from robustft.methods.base import Method
+from robustft.results_schema import declared_by, results_document
 
 RESULTS_FILE = "results.json"
 FINAL_CHECKPOINT = "checkpoints/final.safetensors"
@@ -143,8 +144,8 @@ def fit(
         )
     entry = summarize(metrics)
     entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
-    entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
+    entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
+    results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
     if main:
         (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     distributed.barrier()  # the run directory is complete before any rank returns
@@ -241,7 +242,7 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = print) -> dict[str,
         saved = json.loads(previous.read_text())["methods"]
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
         entry = {**saved.get(name, {}), **entry}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {name: entry}}
+    results = results_document(prepared.benchmark, config.seed, {name: entry | declared_by(method)})
     if main:
         previous.write_text(json.dumps(results, indent=2))
     distributed.barrier()

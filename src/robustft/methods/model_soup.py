@@ -52,6 +52,7 @@ class _Soup(Method):
     config_cls = SoupConfig
     trains = False
     needs_ingredients = True
+    report_sections = ("ingredients",)
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.config.runs()

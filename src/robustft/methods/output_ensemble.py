@@ -82,6 +82,7 @@ class OutputEnsembleMethod(Method):
     """
 
     name = "output_ensemble"
+    report_sections = ("alpha_curve",)
     config_cls = OutputEnsembleConfig
     trains = False
     needs_finetuned_run = True

@@ -43,6 +43,7 @@ class WiseFt(Method):
     """
 
     name = "wise_ft"
+    report_sections = ("alpha_curve",)
     config_cls = WiseFtConfig
     trains = False
     needs_finetuned_run = True
