@@ -44,11 +44,19 @@ def test_a_section_follows_the_declaration_not_the_method_name(tmp_path: Path) -
     report = write_report(results_document("b", 0, methods), tmp_path)
     text = report.read_text()
     assert "| my_sweeper | 0.5 | id_val | 90.00 | 80.00 | - | - |" in text
-    assert "![my_sweeper: ID vs OOD over alpha](my_sweeper_curve.png)" in text and (tmp_path / "my_sweeper_curve.png").is_file()
+    assert (
+        "![my_sweeper: ID vs OOD over alpha](my_sweeper_curve.png)" in text
+        and (tmp_path / "my_sweeper_curve.png").is_file()
+    )
     assert "| my_soup | 3 | 2 | 90.00 | 80.00 |" in text
     header, rows = results_table(results_document("b", 0, methods))
     assert header[-1] == "active params"
-    assert {row[0]: row[-1] for row in rows} == {"future": "-", "my_soup": "-", "my_sweeper": "-", "sparse_thing": "12.3K"}
+    assert {row[0]: row[-1] for row in rows} == {
+        "future": "-",
+        "my_soup": "-",
+        "my_sweeper": "-",
+        "sparse_thing": "12.3K",
+    }
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Mixing-coefficient sweeps</h2>" in page and "<h2>Model soups</h2>" in page
     assert "<h2>How to read this</h2>" in page and "data:image/png;base64," in page
@@ -105,7 +113,9 @@ def test_one_seed_shows_values_alone_and_every_view_shows_the_same_cells(tmp_pat
     for table in leaderboard_tables(leaderboard).values():
         for row in table.rows:
             wide_row = next(r for r in wide_rows if r[0] == row[0])
-            assert all(wide_row[wide_header.index(h)] == cell for h, cell in zip(table.header[1:], row[1:], strict=True))
+            assert all(
+                wide_row[wide_header.index(h)] == cell for h, cell in zip(table.header[1:], row[1:], strict=True)
+            )
 
 
 @pytest.mark.parametrize("several", [False, True])

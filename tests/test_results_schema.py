@@ -70,7 +70,9 @@ def test_a_current_file_renders_only_what_it_declares(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 99])
 def test_a_newer_version_is_refused_in_one_line_naming_the_file(tmp_path: Path, version: int) -> None:
-    path = _write(tmp_path / "run" / "results.json", {**results_document("b", 0, {"m": _entry()}), "schema_version": version})
+    path = _write(
+        tmp_path / "run" / "results.json", {**results_document("b", 0, {"m": _entry()}), "schema_version": version}
+    )
     with pytest.raises(DataError) as info:
         read_results(path)
     message = str(info.value)

@@ -126,7 +126,12 @@ def calibration_section(results: Mapping[str, Any]) -> list[Block]:
         ECE_OOD_AVG,
         per_split("NLL ID", "nll", 3),
         ood("NLL OOD avg", "nll", 3),
-        Column("T (id_val)", "temperature", lambda e: MISSING if e.get("temperature") is None else f"{e['temperature']:.3g}", "text"),
+        Column(
+            "T (id_val)",
+            "temperature",
+            lambda e: MISSING if e.get("temperature") is None else f"{e['temperature']:.3g}",
+            "text",
+        ),
         per_split("ECE ID, TS", "ece_ts"),
         ood("ECE OOD avg, TS", "ece_ts"),
         ood("NLL OOD avg, TS", "nll_ts", 3),

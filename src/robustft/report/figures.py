@@ -1,7 +1,8 @@
 """Every figure of the reports, each written as PNG and SVG (dated nowhere, so a rerun writes the same SVG).
 
 A run report (``robustft report``) has the ID-vs-OOD scatter and one alpha sweep per swept method, at
-``RUN_FIGSIZE`` = 6 x 4.5 inches. A comparison (``robustft compare``) has four figures; every one is ``FIGSIZE`` = 7 x 5 inches at ``DPI`` = 150, so each PNG is exactly 1050 x 750 pixels (no
+``RUN_FIGSIZE`` = 6 x 4.5 inches. A comparison (``robustft compare``) has four figures; every one is
+``FIGSIZE`` = 7 x 5 inches at ``DPI`` = 150, so each PNG is exactly 1050 x 750 pixels (no
 ``bbox_inches="tight"``, which would change the size): reports lay them out predictably and tests can check
 them. A method keeps one colour in every figure, so a reader can follow it from one to the next.
 

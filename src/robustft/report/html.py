@@ -2,7 +2,8 @@
 
 Self-contained means no external resource at all: the figures are inlined as base64 PNG ``data:`` URIs, the
 CSS and the few lines of sorting script are inline, and nothing is fetched, so the file reads the same
-offline and years later. It renders the same blocks as report.md (:mod:`robustft.report.document`). Every method row has ``id="method-<name>"`` so tests (and links) can find it.
+offline and years later. It renders the same blocks as report.md (:mod:`robustft.report.document`). Every
+method row has ``id="method-<name>"`` so tests (and links) can find it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from robustft.report.document import Block, FigureBlock, Heading, Paragraph, TableBlock
@@ -89,9 +90,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             body.append(inline_png(block.path, block.alt))
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + f"\n<script>{_SORT_SCRIPT}</script></body></html>\n"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + f"\n<script>{_SORT_SCRIPT}</script></body></html>\n"
     )
 
 

@@ -52,5 +52,8 @@ def leaderboard_markdown(leaderboard: Mapping[str, Any]) -> str:
     """leaderboard.md: the wide leaderboard table under a one-line title, then what each column means."""
     seeds = leaderboard.get("seeds") or []
     spread = ", mean ± population std over seeds" if len(seeds) > 1 else ", one seed"
-    title = f"# Leaderboard: {leaderboard['benchmark']} (seeds {', '.join(map(str, seeds))}; config {leaderboard['config']})\n"
-    return "\n".join([title, markdown(*leaderboard_table(leaderboard), text_columns=2), LEADERBOARD_NOTE.format(spread=spread), ""])
+    listed = ", ".join(map(str, seeds))
+    title = f"# Leaderboard: {leaderboard['benchmark']} (seeds {listed}; config {leaderboard['config']})\n"
+    return "\n".join(
+        [title, markdown(*leaderboard_table(leaderboard), text_columns=2), LEADERBOARD_NOTE.format(spread=spread), ""]
+    )

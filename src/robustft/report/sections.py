@@ -73,7 +73,11 @@ def results_sections(results: Mapping[str, Any], out_dir: Path) -> list[Block]:
 
 
 def leaderboard_sections(
-    leaderboard: Mapping[str, Any], order: Sequence[str], out_dir: Path, colors: Mapping[str, Any], paths: Mapping[str, Path]
+    leaderboard: Mapping[str, Any],
+    order: Sequence[str],
+    out_dir: Path,
+    colors: Mapping[str, Any],
+    paths: Mapping[str, Path],
 ) -> list[Block]:
     """The comparison's declared sections; ``paths`` holds the comparison's figure paths by key."""
     blocks: list[Block] = []
@@ -152,7 +156,11 @@ def seed_sweeps(leaderboard: Mapping[str, Any], names: Sequence[str]) -> dict[st
 
 
 def alpha_curve_leaderboard(
-    leaderboard: Mapping[str, Any], names: list[str], out_dir: Path, colors: Mapping[str, Any], paths: Mapping[str, Path]
+    leaderboard: Mapping[str, Any],
+    names: list[str],
+    out_dir: Path,
+    colors: Mapping[str, Any],
+    paths: Mapping[str, Path],
 ) -> list[Block]:
     """The sweeps of every seed in one figure, and the alpha each seed's run chose."""
     from robustft.report.figures import plot_alpha_curves
@@ -173,7 +181,11 @@ def alpha_curve_leaderboard(
         Column("chosen on", "alpha_chosen_on", lambda entry: entry["on"], style="text"),
     ]
     table = build_table(columns, chosen, list(sweeps), several_seeds=False)
-    return [Heading("Mixing-coefficient sweeps"), FigureBlock(png, "Mixing-coefficient sweeps", "alpha_curves"), TableBlock(table)]
+    return [
+        Heading("Mixing-coefficient sweeps"),
+        FigureBlock(png, "Mixing-coefficient sweeps", "alpha_curves"),
+        TableBlock(table),
+    ]
 
 
 register_section(
