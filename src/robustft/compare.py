@@ -61,7 +61,11 @@ from robustft.errors import ConfigError
 from robustft.files import atomic_write
 from robustft.methods import get_method, list_methods
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
-from robustft.report import (  # the leaderboard's renderers, here for callers of compare
+from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
+    leaderboard_csv,
+    leaderboard_markdown,
+    leaderboard_table,
+    print_leaderboard,
     write_comparison_outputs,
     write_leaderboard,
 )
