@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from robustft.errors import DataError
-from robustft.figures import PIXELS, mean_curve, place_labels, read_curves, read_losses, reference_line
 from robustft.report import write_comparison_report
-from robustft.report_html import row_id
+from robustft.report.figures import PIXELS, mean_curve, place_labels, read_curves, read_losses, reference_line
+from robustft.report.html import row_id
 from robustft.robustness import inverse_logit, logit
 
 SEEDS = (0, 1)

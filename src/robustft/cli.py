@@ -287,9 +287,9 @@ def methods_command() -> None:
 @app.command()
 def report(
     paths: Annotated[list[Path], typer.Argument(help="run directories or results.json files")],
-    out: Annotated[Path, typer.Option(help="where to write report.md and figures")] = Path("report"),
+    out: Annotated[Path, typer.Option(help="where to write report.md, report.html and figures")] = Path("report"),
 ) -> None:
-    """Merge results of several runs into one table, report.md and ID-vs-OOD plot."""
+    """Merge results of several runs into one table, report.md, a self-contained report.html and figures."""
     from robustft.report import load_results, print_table, write_report
 
     results = load_results(paths)

@@ -35,8 +35,6 @@ the same numbers):
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import statistics
 import time
@@ -62,6 +60,15 @@ from robustft.errors import ConfigError
 from robustft.files import atomic_write
 from robustft.methods import checked, get_method, list_methods, method_options
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
+from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
+    leaderboard_csv,
+    leaderboard_markdown,
+    leaderboard_table,
+    print_leaderboard,
+    write_comparison_outputs,
+    write_leaderboard,
+)
+from robustft.results_schema import SCHEMA_VERSION, leaderboard_declarations
 from robustft.robustness import add_effective_robustness, ood_average
 from robustft.run_directory import config_differences
 from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
@@ -550,8 +557,11 @@ def build_leaderboard(
             "inference_cost": statistics.fmean(ratios) if all(r is not None for r in ratios) else None,
             "runs": [runs[seed][name] for seed in seeds],
         }
+        declared = leaderboard_declarations(entries)  # the report's extra sections and columns, by name
+        row |= declared | {key: mean_std([entry.get(key) for entry in entries]) for key in declared["report_columns"]}
         methods[name] = row
     return {
+        "schema_version": SCHEMA_VERSION,
         "benchmark": benchmark,
         "seeds": seeds,
         "config": source,
@@ -560,150 +570,8 @@ def build_leaderboard(
     }
 
 
-def leaderboard_table(leaderboard: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of formatted cells: ``mean ± std`` with several seeds, the value with one."""
-    several = len(leaderboard["seeds"]) > 1
-    methods = leaderboard["methods"]
-    splits = sorted({split for row in methods.values() for split in row["ood"]})
-    calibrated = any("ece_id" in row for row in methods.values())
-
-    def cell(stat: Mapping[str, float] | None, decimals: int = 2, signed: bool = False) -> str:
-        if stat is None:
-            return "-"
-        sign = "+" if signed else ""
-        text = f"{round(stat['mean'], decimals) + 0.0:{sign}.{decimals}f}"  # + 0.0: no -0.00
-        return f"{text} ± {stat['std']:.{decimals}f}" if several else text
-
-    header = [
-        "method",
-        "kind",
-        "ID",
-        *splits,
-        "OOD avg",
-        "eff. robustness",
-        "train s",
-        "peak MiB",
-        "trainable params",
-        "inference x",
-    ]
-    if calibrated:
-        header += ["ECE ID", "ECE OOD avg"]
-    rows = []
-    for name, row in methods.items():
-        cells = [
-            name,
-            row["kind"],
-            cell(row["id"]),
-            *(cell(row["ood"].get(split)) for split in splits),
-            cell(row["ood_avg"]),
-            cell(row["effective_robustness"], signed=True),
-            cell(row["train_seconds"], 1),
-            "-" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}",
-            f"{row['trainable_params']:,}",
-            "-" if row["inference_cost"] is None else f"{row['inference_cost']:.2f}",
-        ]
-        if calibrated:
-            cells += [cell(row.get("ece_id")), cell(row.get("ece_ood_avg"))]
-        rows.append(cells)
-    return header, rows
-
-
-def leaderboard_markdown(leaderboard: Mapping[str, Any]) -> str:
-    header, rows = leaderboard_table(leaderboard)
-    seeds = ", ".join(str(seed) for seed in leaderboard["seeds"])
-    lines = [
-        f"# Leaderboard: {leaderboard['benchmark']} (seeds {seeds}; config {leaderboard['config']})\n",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(["---", "---", *["---:"] * (len(header) - 2)]) + " |",
-        *("| " + " | ".join(cells) + " |" for cells in rows),
-        "",
-        "Accuracies in %, mean ± population std over seeds. Effective robustness: OOD average above the "
-        "zero-shot / fine-tune line in logit space, per seed. train s: the run's own time (a post-hoc row "
-        "excludes the fine-tunes it combines). peak MiB: CUDA peak allocated (- on CPU). inference x: "
-        "forward time over the zero-shot model's on one batch.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def leaderboard_csv(leaderboard: Mapping[str, Any]) -> str:
-    """One row per method; each statistic as ``<metric>_mean`` and ``<metric>_std`` columns."""
-    methods = leaderboard["methods"]
-    splits = sorted({split for row in methods.values() for split in row["ood"]})
-    stats = ["id", *splits, "ood_avg", "effective_robustness", "train_seconds", "ece_id", "ece_ood_avg"]
-    header = [
-        "method",
-        "kind",
-        *(f"{stat}_{part}" for stat in stats for part in ("mean", "std")),
-        "peak_memory_mb",
-        "trainable_params",
-        "inference_cost",
-    ]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for name, row in methods.items():
-        values = []
-        for stat in stats:
-            found = row["ood"].get(stat) if stat in splits else row.get(stat)
-            values += [found["mean"], found["std"]] if found else ["", ""]
-        writer.writerow(
-            [
-                name,
-                row["kind"],
-                *values,
-                _blank(row["peak_memory_mb"]),
-                row["trainable_params"],
-                _blank(row["inference_cost"]),
-            ]
-        )
-    return buffer.getvalue()
-
-
-def _blank(value: Any) -> Any:
-    return "" if value is None else value
-
-
-def write_leaderboard(leaderboard: Mapping[str, Any], out: Path) -> Path:
-    """``leaderboard.json``, ``.md`` and ``.csv`` in ``out``; returns the JSON path."""
-    text = json.dumps(leaderboard, indent=2) + "\n"
-    atomic_write(out / f"{LEADERBOARD}.md", lambda tmp: tmp.write_text(leaderboard_markdown(leaderboard)))
-    atomic_write(out / f"{LEADERBOARD}.csv", lambda tmp: tmp.write_text(leaderboard_csv(leaderboard)))
-    return atomic_write(out / f"{LEADERBOARD}.json", lambda tmp: tmp.write_text(text))
-
-
 def _write_report(
     leaderboard: dict[str, Any], first_seed: dict[str, Any], out: Path, title: str | None, log: Callable[[str], None]
 ) -> None:
-    """``report.md``: the comparison report (``report.write_comparison_report``), else the first seed's.
-
-    ``results.json`` and ``id_vs_ood.png`` (the first seed's runs merged, with effective robustness, as
-    ``robustft report`` writes them) are written either way, so one seed's raw entries stay inspectable.
-    """
-    from robustft import report
-
-    results = add_effective_robustness(first_seed)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    try:
-        from robustft.report import write_comparison_report
-    except ImportError:  # a report module without the comparison report
-        log(f"report: {report.write_report(first_seed, out, title)}")
-        return
-    report.plot_id_vs_ood(results, out / report.FIGURE_NAME)
-    written = write_comparison_report(leaderboard, out)
-    log(f"report: {written['report_md'] if isinstance(written, dict) else written}")
-
-
-def print_leaderboard(leaderboard: Mapping[str, Any], console: Any = None) -> None:
-    """The leaderboard as a terminal table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = leaderboard_table(leaderboard)
-    seeds = ", ".join(str(seed) for seed in leaderboard["seeds"])
-    table = Table(title=f"{leaderboard['benchmark']} (seeds {seeds})")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for cells in rows:
-        table.add_row(*cells)
-    (console or Console()).print(table)
+    """The comparison report and the first seed's merged results.json (``report.write_comparison_outputs``)."""
+    write_comparison_outputs(leaderboard, first_seed, out, log)

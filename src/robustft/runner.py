@@ -32,6 +32,7 @@ from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.methods import build_method, method_options
 from robustft.methods.base import Method, RunContext
+from robustft.results_schema import declared_by, results_document
 from robustft.run_directory import (
     FINAL_CHECKPOINT,
     RESULTS_FILE,
@@ -176,8 +177,8 @@ def fit(
             )
         entry = summarize(metrics)
         entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
-        entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)}
-        results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {method.result_name: entry}}
+        entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
+        results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
             try:
                 atomic_write_json(run_dir / RESULTS_FILE, results)
@@ -342,7 +343,7 @@ def _evaluate_locked(
     if saved:
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
         entry = {**saved.get(name, {}), **entry}
-    results = {"benchmark": prepared.benchmark, "seed": config.seed, "methods": {name: entry}}
+    results = results_document(prepared.benchmark, config.seed, {name: entry | declared_by(method)})
     if main:
         try:
             atomic_write_json(run_dir / RESULTS_FILE, results)

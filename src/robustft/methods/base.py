@@ -73,6 +73,10 @@ class Method:
     """Post-hoc over several finished runs, named by the config option ``ingredients``."""
     requires_text_tower: ClassVar[bool] = False
     """Needs a CLIP-style model with a text tower (``model.source: open_clip``); skipped by the demo."""
+    report_sections: ClassVar[tuple[str, ...]] = ()
+    """Extra report sections this method's results entry feeds, by name (``robustft.report.sections``)."""
+    report_columns: ClassVar[tuple[str, ...]] = ()
+    """Extra results-table columns, by name: each is also the results entry key holding the value."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

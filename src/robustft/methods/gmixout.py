@@ -114,6 +114,7 @@ class GMixout(Method):
     """GMixout (seed 000): EMA-anchored Mixout with a resampling period, trained sparsely (METHODS.md, A)."""
 
     name = "gmixout"
+    report_columns = ("active_params",)
     config_cls = GMixoutConfig
 
     def __init__(self, config: GMixoutConfig | None = None) -> None:

@@ -134,6 +134,7 @@ class Mixout(Method):
     """Mixout (Lee et al., ICLR 2020): stochastic mixing with the pretrained weights (METHODS.md, "Baselines")."""
 
     name = "mixout"
+    report_columns = ("active_params",)
     config_cls = MixoutConfig
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:

@@ -37,6 +37,7 @@ class RunWeights(Sequence):
 class _Soup(PosthocMethod):
     config_cls = SoupConfig
     several_runs = True
+    report_sections = ("ingredients",)
 
 
 @register_method

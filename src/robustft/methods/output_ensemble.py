@@ -82,6 +82,7 @@ class OutputEnsembleMethod(PosthocMethod):
     """
 
     name = "output_ensemble"
+    report_sections = ("alpha_curve",)
     config_cls = OutputEnsembleConfig
 
     def check_inputs(self, ctx: RunContext) -> list[Path]:

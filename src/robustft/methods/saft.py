@@ -126,6 +126,7 @@ class SAFT(Method):
     """SAFT (seed 001): train only the top-k entries by gradient magnitude at the pretrained weights."""
 
     name = "saft"
+    report_columns = ("active_params",)
     config_cls = SAFTConfig
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:

@@ -43,6 +43,7 @@ class WiseFt(PosthocMethod):
     """
 
     name = "wise_ft"
+    report_sections = ("alpha_curve",)
     config_cls = WiseFtConfig
 
     def check_inputs(self, ctx: RunContext) -> list:

@@ -1,6 +1,8 @@
-"""The figures of a multi-seed comparison (``robustft compare``), each written as PNG and SVG.
+"""Every figure of the reports, each written as PNG and SVG (dated nowhere, so a rerun writes the same SVG).
 
-Every figure is ``FIGSIZE`` = 7 x 5 inches at ``DPI`` = 150, so each PNG is exactly 1050 x 750 pixels (no
+A run report (``robustft report``) has the ID-vs-OOD scatter and one alpha sweep per swept method, at
+``RUN_FIGSIZE`` = 6 x 4.5 inches. A comparison (``robustft compare``) has four figures; every one is
+``FIGSIZE`` = 7 x 5 inches at ``DPI`` = 150, so each PNG is exactly 1050 x 750 pixels (no
 ``bbox_inches="tight"``, which would change the size): reports lay them out predictably and tests can check
 them. A method keeps one colour in every figure, so a reader can follow it from one to the next.
 
@@ -24,9 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from robustft.errors import DataError
-from robustft.robustness import inverse_logit, logit, tradeoff_line
+from robustft.robustness import inverse_logit, logit, ood_average, tradeoff_line
 
 FIGSIZE = (7.0, 5.0)
+RUN_FIGSIZE = (6.0, 4.5)
 DPI = 150
 PIXELS = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 MARKERS = {"zeroshot": "*", "trained": "o", "posthoc": "D"}
@@ -343,4 +346,100 @@ def plot_training_curves(
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=6, ncols=2 if len(losses) > 8 else 1, loc="upper right")
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------------------------------ run report
+
+
+def _run_figure() -> Figure:
+    return Figure(figsize=RUN_FIGSIZE, dpi=DPI, layout="constrained")
+
+
+def plot_id_vs_ood(results: Mapping[str, Any], path: Path) -> Path:
+    """Scatter ID accuracy against OOD average, one labelled point per method; returns the PNG path.
+
+    The curve is the zero-shot / fine-tune trade-off line (straight in logit space, so curved here);
+    points above it have positive effective robustness. The dashed diagonal is OOD = ID: the distance
+    below it is how much the distribution shift costs. Also writes an SVG with the same stem.
+    """
+    from robustft.report.tables import ordered_methods
+
+    methods = results["methods"]
+    names = [n for n in ordered_methods(methods) if not math.isnan(ood_average(methods[n]))]
+    xs = np.array([float(methods[n]["id"]) for n in names])
+    ys = np.array([ood_average(methods[n]) for n in names])
+    figure = _run_figure()
+    axes = figure.add_subplot()
+    lo, hi = _axis_range(np.concatenate([xs, ys]))
+    axes.plot([lo, hi], [lo, hi], linestyle="--", color="0.6", linewidth=1, label="OOD = ID")
+    if "zeroshot" in methods and "finetune" in methods:
+        zero_shot, fine_tuned = methods["zeroshot"], methods["finetune"]
+        slope, intercept = tradeoff_line(
+            (float(zero_shot["id"]), ood_average(zero_shot)), (float(fine_tuned["id"]), ood_average(fine_tuned))
+        )
+        grid = np.linspace(max(lo, 0.1), min(hi, 99.9), 200)
+        axes.plot(
+            grid,
+            inverse_logit(slope * logit(grid) + intercept),
+            color="C1",
+            linewidth=1.5,
+            label="zero-shot / fine-tune trade-off (logit fit)",
+        )
+    axes.scatter(xs, ys, zorder=3, color="C0")
+    for name, x, y in zip(names, xs, ys, strict=True):
+        axes.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    axes.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
+    axes.set_title(f"{results.get('benchmark', '')}: ID vs OOD accuracy")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper left", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_alpha_curve(
+    curve: Sequence[Mapping[str, Any]], path: Path, title: str = "", chosen: float | None = None
+) -> Path:
+    """ID accuracy against OOD average along a mixing-coefficient sweep, points labelled by alpha.
+
+    ``curve`` holds ``{"alpha", "id", "ood_avg", ...}`` points (WiSE-FT, output ensembles). The
+    orange line is the trade-off line through the alpha-0 and alpha-1 ends (zero-shot and fine-tuned,
+    straight in logit space as in :func:`plot_id_vs_ood`): where the sweep bulges above it, mixing
+    beats both ends' trade-off. The ``chosen`` alpha is ringed. Returns the PNG; also writes an SVG.
+    """
+    points = sorted(curve, key=lambda point: point["alpha"])
+    alphas = [float(point["alpha"]) for point in points]
+    xs = np.array([float(point["id"]) for point in points])
+    ys = np.array([float(point["ood_avg"]) for point in points])
+    figure = _run_figure()
+    axes = figure.add_subplot()
+    (x_lo, x_hi), (y_lo, y_hi) = _axis_range(xs), _axis_range(ys)
+    if len(points) >= 2:
+        slope, intercept = tradeoff_line((xs[0], ys[0]), (xs[-1], ys[-1]))
+        grid = np.linspace(max(x_lo, 0.1), min(x_hi, 99.9), 200)
+        axes.plot(
+            grid,
+            inverse_logit(slope * logit(grid) + intercept),
+            color="C1",
+            linewidth=1.5,
+            label=f"trade-off line through alpha {alphas[0]:g} and {alphas[-1]:g} (logit fit)",
+        )
+    axes.plot(xs, ys, marker="o", color="C0", zorder=3, label="alpha sweep")
+    for alpha, x, y in zip(alphas, xs, ys, strict=True):
+        axes.annotate(f"{alpha:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    if chosen is not None and chosen in alphas:
+        i = alphas.index(chosen)
+        axes.scatter(
+            [xs[i]],
+            [ys[i]],
+            s=160,
+            facecolors="none",
+            edgecolors="C3",
+            linewidths=1.5,
+            zorder=4,
+            label=f"chosen: alpha {chosen:g}",
+        )
+    axes.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
+    axes.set_title(title or "ID vs OOD accuracy over alpha")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="best", fontsize=8)
     return _save(figure, path)

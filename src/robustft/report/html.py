@@ -2,7 +2,8 @@
 
 Self-contained means no external resource at all: the figures are inlined as base64 PNG ``data:`` URIs, the
 CSS and the few lines of sorting script are inline, and nothing is fetched, so the file reads the same
-offline and years later. Every method row has ``id="method-<name>"`` so tests (and links) can find it.
+offline and years later. It renders the same blocks as report.md (:mod:`robustft.report.document`). Every
+method row has ``id="method-<name>"`` so tests (and links) can find it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from robustft.report.document import Block, FigureBlock, Heading, Paragraph, TableBlock
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -70,50 +72,29 @@ def inline_png(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def comparison_html(
-    leaderboard: Mapping[str, Any],
-    tables: Mapping[str, tuple[list[str], list[list[str]]]],
-    figures: Mapping[str, Path],
-    notes: Sequence[str],
-) -> str:
-    """The whole report as one HTML string: tables (from ``report.comparison_tables``) and inlined figures.
-
-    ``figures`` maps the keys of ``report.COMPARISON_FIGURES`` to PNGs; a missing key gets a sentence
-    instead of a figure.
-    """
-    from robustft.report import COMPARISON_FIGURES
-
-    benchmark = html.escape(str(leaderboard.get("benchmark", "")))
-    sections = [
-        f"<h1>robustft comparison: {benchmark}</h1>",
-        f"<p>Benchmark <code>{benchmark}</code>, seeds {html.escape(str(leaderboard.get('seeds')))}, "
-        f"config <code>{html.escape(str(leaderboard.get('config')))}</code>.</p>",
-        *(f'<p class="note">{_code(note)}</p>' for note in notes),
-        "<h2>Leaderboard</h2>",
-        html_table(*tables["leaderboard"], row_ids=True),
-    ]
-    for key, (heading, _) in COMPARISON_FIGURES.items():
-        sections.append(f"<h2>{html.escape(heading)}</h2>")
-        sections.append(
-            inline_png(figures[key], heading)
-            if key in figures
-            else '<p class="note">Nothing to plot: no run logged it.</p>'
-        )
-    sections += ["<h2>Cost</h2>", html_table(*tables["cost"])]
-    if "calibration" in tables:
-        sections += [
-            "<h2>Calibration</h2>",
-            html_table(*tables["calibration"]),
-            '<p class="note">ECE: expected calibration error in percentage points; lower is better.</p>',
-        ]
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    """The whole report as one HTML string: the same blocks as report.md, figures inlined."""
+    body = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            body.append(f"<h{block.level}>{_inline(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            if block.bullets:
+                body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.bullets) + "</ul>")
+            else:
+                text = _inline(block.text)
+                body.append(f'<p class="note">{f"<em>{text}</em>" if block.emphasis else text}</p>')
+        elif isinstance(block, TableBlock):
+            body.append(html_table(*block.table, row_ids=block.row_ids))
+        elif isinstance(block, FigureBlock):
+            body.append(inline_png(block.path, block.alt))
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>robustft: {benchmark}</title>'
-        f"<style>{_CSS}</style></head><body>\n"
-        + "\n".join(sections)
-        + f"\n<script>{_SORT_SCRIPT}</script></body></html>\n"
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + f"\n<script>{_SORT_SCRIPT}</script></body></html>\n"
     )
 
 
-def _code(text: str) -> str:
-    """Escape, then turn Markdown backticks into <code> (the notes are shared with report.md)."""
-    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+def _inline(text: str) -> str:
+    """Escape, then turn the Markdown the blocks use (backticks, ``**bold**``) into HTML."""
+    escaped = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
