@@ -161,5 +161,25 @@ def list_methods() -> list[str]:
 
 
 def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
-    """(option, default, description) for ``robustft methods``."""
-    return [(name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()]
+    """(option, default, description) for ``robustft methods``; an option of the paper preset says its value.
+
+    ``preset`` is listed only for methods that have a paper preset.
+    """
+    paper = cls.config_cls.paper_preset
+    rows = []
+    for name, info in cls.config_cls.model_fields.items():
+        if name == "preset" and not paper:
+            continue
+        description = info.description or ""
+        if name in paper:
+            description = f"{description} [paper: {paper[name]!r}]"
+        rows.append((name, info.default, description))
+    return rows
+
+
+def record_preset(config: MethodConfig, ctx: RunContext) -> None:
+    """Put the preset and the effective values of the options it governs into the results entry."""
+    if config.paper_preset:
+        options = config.model_dump(mode="json", include=set(config.paper_preset))
+        ctx.extras["preset"] = config.preset
+        ctx.extras["preset_options"] = options

@@ -23,7 +23,7 @@ Decisions (METHODS.md, "Details read in the official code"):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import Method, RunContext, record_preset, register_method
 from robustft.sparse import Scope, select_parameters
 
 Granularity = Literal["input", "element", "output"]
@@ -49,6 +49,9 @@ class MixoutConfig(MethodConfig):
     scope: Scope = Field("linear", description="tensors mixed: linear weights, all matrices, or all parameters")
     include: str = Field(r"^backbone\.", description="regex a mixed tensor's name must match")
     exclude: str | None = Field(None, description="regex of tensor names never mixed")
+
+    paper_preset: ClassVar[dict[str, Any]] = {"p": 0.9, "granularity": "input", "gradient": "official"}
+    """bloodwass/mixout: per-input-feature masks and the backward ``grad * M``."""
 
     @model_validator(mode="after")
     def _valid_regex(self) -> MixoutConfig:
@@ -149,6 +152,7 @@ class Mixout(Method):
         apply_mixout(model, names, cfg.p, cfg.granularity, cfg.gradient == "official")
         ctx.extras["mixed_params"] = mixed
         ctx.extras["active_params"] = round((1 - cfg.p) * mixed) + total - mixed
+        record_preset(cfg, ctx)
         return model
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from robustft import distributed
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import Method, RunContext, record_preset, register_method
 from robustft.sparse import Scope, merge_sparse, select_parameters, sparse_parameter_groups, sparsify
 
 SELECTION_FILE = "saft_selection.safetensors"
@@ -43,6 +44,10 @@ class SAFTConfig(MethodConfig):
     include: str = Field("", description="regex a candidate tensor's name must match (default: backbone and head)")
     exclude: str | None = Field(None, description="regex of tensor names never selected")
     selection_path: Path | None = Field(None, description="reuse a saved saft_selection.safetensors (skip phase 1)")
+
+    paper_preset: ClassVar[dict[str, Any]] = {"fraction": 0.001, "scope": "all", "include": ""}
+    """The paper's k = 0.1% of all parameters, from every tensor; its optimiser recipe (AdamW lr 5e-6,
+    wd 0.1, batch 512, cosine, grad clip 1.0) is the run's ``optim`` / ``train`` section (configs/)."""
 
     @model_validator(mode="after")
     def _valid_regex(self) -> SAFTConfig:
@@ -151,6 +156,7 @@ class SAFT(Method):
         selected = sum(index.numel() for index in selection.values())
         ctx.extras["active_params"] = selected
         ctx.extras["selected_tensors"] = len(selection)
+        record_preset(cfg, ctx)
         ctx.log(f"saft: {selected} of {total} entries selected in {len(selection)} tensors")
         return model
 
