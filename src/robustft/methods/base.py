@@ -172,7 +172,7 @@ def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
             continue
         description = info.description or ""
         if name in paper:
-            description = f"{description} [paper: {paper[name]!r}]"
+            description = f"{description} (paper: {paper[name]!r})"
         rows.append((name, info.default, description))
     return rows
 
