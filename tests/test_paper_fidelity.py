@@ -3,8 +3,6 @@ Mixout's official gradient, token-dropping no-fill and single-fill's self-donors
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
