@@ -239,3 +239,27 @@ def test_self_fill_allowed_lets_an_image_be_its_own_donor():
     own = torch.arange(4)
     assert (allowed == own).any() and not (derangement == own).any()
     assert all(sorted(row.tolist()) == [0, 1, 2, 3] for row in allowed)  # a permutation of the batch
+
+
+def test_paper_no_fill_distils_the_embeddings_of_the_kept_tokens(tmp_path):
+    from robustft.cam import make_counterfactuals, patch_layout
+    from robustft.methods.masked_counterfactual import MaskedCounterfactual, MaskedCounterfactualConfig
+
+    config = MaskedCounterfactualConfig(preset="paper", variant="rand_mask_no_fill")
+    method = MaskedCounterfactual(config)
+    student = method.prepare(timm_classifier().train(), RunContext(tmp_path, CPU, 0, {}, [], log=quiet))
+    with torch.no_grad():  # the student moves away from the teacher, so the distillation term is not zero
+        student.backbone.blocks[0].mlp.fc1.weight.add_(0.05)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    _, logs = method.loss(student, (images, labels), 0)
+    torch.manual_seed(3)
+    made = make_counterfactuals(student, images, labels, config.spec(), patch_layout(student))
+    assert ((~made.mask).flatten(1).sum(1) == int(16 * (1 - 0.75))).all()
+    with torch.no_grad():
+        expected = F.mse_loss(
+            embedding_without_patches(student, images, made.mask),
+            embedding_without_patches(method.teacher, images, made.mask),
+        )
+    torch.testing.assert_close(logs["loss_distill"], expected)
+    assert expected > 0
