@@ -1,4 +1,5 @@
-"""Class activation maps for ViTs, patch masks and refilling: the counterfactual images of seed 002.
+"""Class activation maps for ViTs, patch masks and refilling: the counterfactual images of masked-image
+counterfactual fine-tuning.
 
 Xiao et al., "Masked Images Are Counterfactual Samples for Robust Fine-tuning" (CVPR 2023,
 arXiv:2303.03052) mask the patches a class activation map (CAM) marks as the object (or the

@@ -199,7 +199,7 @@ class EvaluateConfig(StrictModel):
     """How finished predictors are scored."""
 
     temperature_scaling: bool = Field(
-        True, description="fit a temperature on id_val; report ece_ts / nll_ts per split (issue 11)"
+        True, description="fit a temperature on id_val; report ece_ts / nll_ts per split (docs/benchmarks.md)"
     )
 
 

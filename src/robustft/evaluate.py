@@ -160,7 +160,7 @@ def summarize(metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     }
     if "id_val" in metrics:
         entry["id_val"] = metrics["id_val"]["accuracy"]
-    for key in ("ece", "nll", "ece_ts", "nll_ts"):  # calibration per split (issue 11)
+    for key in ("ece", "nll", "ece_ts", "nll_ts"):  # calibration per split
         values = {name: m[key] for name, m in metrics.items() if key in m}
         if values:
             entry[key] = values

@@ -123,7 +123,7 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         header.append("active params")
         for row, name in zip(rows, ordered_methods(methods), strict=True):
             row.append(human_count(methods[name].get("active_params")))
-    if any("ece" in entry for entry in methods.values()):  # calibration (issue 11): lower is better
+    if any("ece" in entry for entry in methods.values()):  # calibration: lower is better
         header += ["ECE ID", "ECE OOD avg"]
         for row, name in zip(rows, ordered_methods(methods), strict=True):
             row += [_fmt(_split_value(methods[name], "ece")), _fmt(_ood_mean(methods[name], "ece"))]

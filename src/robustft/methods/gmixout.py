@@ -1,4 +1,4 @@
-"""GMixout (seed 000: "Mixout as a single-run, weight-sharing implicit ensemble"; METHODS.md, section A).
+"""GMixout (Aminbeidokhti et al., "Revisiting Mixout: An Overlooked Path to Robust Finetuning", arXiv:2510.06982).
 
 Mixout with three levers made explicit. The effective weights of a mixed tensor are
 
@@ -126,7 +126,7 @@ def ema_update(anchor: Tensor, weights: Tensor, rate: float) -> Tensor:
 
 @register_method
 class GMixout(Method):
-    """GMixout (seed 000): EMA-anchored Mixout with a resampling period, trained sparsely (METHODS.md, A)."""
+    """GMixout: EMA-anchored Mixout with a resampling period, trained sparsely (docs/methods.md, `gmixout`)."""
 
     name = "gmixout"
     config_cls = GMixoutConfig

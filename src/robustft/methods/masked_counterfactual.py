@@ -1,4 +1,4 @@
-"""Masked images as counterfactual samples (Xiao et al., CVPR 2023, arXiv:2303.03052; seed 002).
+"""Masked images as counterfactual samples (Xiao et al., CVPR 2023, arXiv:2303.03052; docs/methods.md).
 
 Fine-tuning learns spurious correlations of the narrow training distribution (the object's
 context, or shortcuts inside the object). The paper breaks them with counterfactual images: a
@@ -131,7 +131,7 @@ def distillation_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> T
 
 @register_method
 class MaskedCounterfactual(Method):
-    """FT + feature distillation on CAM-masked, refilled images (METHODS.md, section C).
+    """FT + feature distillation on CAM-masked, refilled images (docs/methods.md, `masked_counterfactual`).
 
     ``prepare`` copies the zero-shot model into a frozen teacher held by the method (so it is in
     neither the optimiser nor a checkpoint; a resumed run rebuilds it from the same zero-shot

@@ -9,7 +9,7 @@ so ``E[W~] = W``: a coordinate is "mixed out" (swapped for its pretrained value 
 p, and the kept ones are rescaled. Evaluation uses ``W``. All of ``W`` is trained densely (this is
 the original, dense method; GMixout is its sparse generalisation).
 
-Decisions (METHODS.md, "Details read in the official code"):
+Decisions (docs/methods.md, `mixout`):
 
 - Mask granularity: ``input`` (default, as bloodwass/mixout): one Bernoulli value per input feature
   (column) shared by all output rows; ``element``: one per entry (the paper's prose); ``output``: one
@@ -134,7 +134,7 @@ def remove_mixout(model: nn.Module) -> nn.Module:
 
 @register_method
 class Mixout(Method):
-    """Mixout (Lee et al., ICLR 2020): stochastic mixing with the pretrained weights (METHODS.md, "Baselines")."""
+    """Mixout (Lee et al., ICLR 2020): stochastic mixing with the pretrained weights (docs/methods.md, `mixout`)."""
 
     name = "mixout"
     config_cls = MixoutConfig

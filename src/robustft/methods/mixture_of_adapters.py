@@ -1,4 +1,4 @@
-"""Mixture of adapters (MoA, seed 004; Lee et al., arXiv:2310.11031): routed experts of different capacity.
+"""Mixture of adapters (MoA; Lee et al., arXiv:2310.11031): routed experts of different capacity.
 
 The backbone is frozen; the attention ``qkv`` projection of every other block gets a per-token top-1
 mixture of adapter experts (KAdaptation or LoRA, ranks 1, 2, 4, 8; see ``robustft.adapters.mixture``
@@ -70,7 +70,7 @@ class MixtureOfAdaptersConfig(MethodConfig):
 
 @register_method
 class MixtureOfAdaptersMethod(Method):
-    """MoA (METHODS.md, section E): frozen backbone, routed adapters on qkv, load-balancing loss."""
+    """MoA (docs/methods.md, `mixture_of_adapters`): frozen backbone, routed adapters on qkv, load-balancing loss."""
 
     name = "mixture_of_adapters"
     config_cls = MixtureOfAdaptersConfig

@@ -1,4 +1,4 @@
-"""SAFT, Sparse Adaptation for Fine-Tuning (seed 001; METHODS.md, section B).
+"""SAFT, Sparse Adaptation for Fine-Tuning (Nguyen et al., ECCV 2024, arXiv:2407.03036; docs/methods.md).
 
 Phase 1 scores every entry of the chosen tensors by the magnitude of the mean gradient of the
 downstream cross-entropy at the pretrained weights ``W0``, over the whole training split,
@@ -133,7 +133,7 @@ def _shard_batches(ctx: RunContext, split: str):
 
 @register_method
 class SAFT(Method):
-    """SAFT (seed 001): train only the top-k entries by gradient magnitude at the pretrained weights."""
+    """SAFT (Nguyen et al., ECCV 2024): train only the top-k entries by gradient magnitude at the pretrained weights."""
 
     name = "saft"
     config_cls = SAFTConfig

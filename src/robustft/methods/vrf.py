@@ -1,7 +1,7 @@
 """VRF, variance-reduction fine-tuning: a sample-wise ensemble of the zero-shot and fine-tuned models.
 
 Zhu, Cui and Zhang, "Robust fine-tuning of zero-shot models via variance reduction", NeurIPS 2024
-(code: BeierZhu/VRF). METHODS.md, section D, and its "Details read in the official code".
+(code: BeierZhu/VRF); docs/methods.md, `vrf`, lists every difference from that code.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ class Vrf(Method):
     test image close to that set (small ``d``, the distance to its k-th nearest ZSF member) gets a large
     ``w``. The paper argues this lowers the variance of the ensemble's prediction and with it its error.
 
-    Decisions (METHODS.md "Details read in the official code"):
+    Decisions (docs/methods.md, `vrf`):
     - ``distance`` defaults to ``squared_l2``, the reference's FAISS flat-L2 values (0-4 on unit vectors),
       for which the paper's a=1.5, b=0.6 were tuned. ``l2`` is its square root; kNN ranks are identical.
     - ``a``, ``b`` default to values derived from the ZSF set itself, because the paper's are tuned for CLIP
