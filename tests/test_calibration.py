@@ -1,4 +1,4 @@
-"""Calibration (issue 11): ECE, NLL, temperature scaling fitted on id_val only, and where they are reported."""
+"""Calibration: ECE, NLL, temperature scaling fitted on id_val only, and where they are reported."""
 
 from __future__ import annotations
 

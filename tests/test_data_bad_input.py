@@ -1,4 +1,4 @@
-"""Bad data through the command line (issue 9): one `robustft: error:` line naming the culprit, exit 2, no traceback."""
+"""Bad data through the command line: one `robustft: error:` line naming the culprit, exit 2, no traceback."""
 
 from __future__ import annotations
 

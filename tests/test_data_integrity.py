@@ -1,4 +1,4 @@
-"""Dataset integrity (issue 11): declared counts refused at load, manifest hashes, `robustft data check`."""
+"""Dataset integrity: declared counts refused at load, manifest hashes, `robustft data check`."""
 
 from __future__ import annotations
 

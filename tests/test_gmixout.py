@@ -1,4 +1,4 @@
-"""GMixout (seed 000): Mixout as the lambda=0, k=1 case, k-step episodes, the EMA anchor, sparse state."""
+"""GMixout (arXiv:2510.06982): Mixout as the lambda=0, k=1 case, k-step episodes, the EMA anchor, sparse state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mixture of adapters (MoA, seed 004): top-1 routing, train-only noise, balancing loss, frozen backbone."""
+"""Mixture of adapters (MoA, arXiv:2310.11031): top-1 routing, train-only noise, balancing loss, frozen backbone."""
 
 from __future__ import annotations
 

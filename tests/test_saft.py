@@ -1,4 +1,4 @@
-"""SAFT (seed 001): exact top-k by |mean gradient|, only selected entries move (weight decay on)."""
+"""SAFT (Nguyen et al., ECCV 2024): exact top-k by |mean gradient|, only selected entries move (weight decay on)."""
 
 from __future__ import annotations
 

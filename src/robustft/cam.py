@@ -1,4 +1,5 @@
-"""Class activation maps for ViTs, patch masks and refilling: the counterfactual images of seed 002.
+"""Class activation maps for ViTs, patch masks and refilling: the counterfactual images of masked-image
+counterfactual fine-tuning.
 
 Xiao et al., "Masked Images Are Counterfactual Samples for Robust Fine-tuning" (CVPR 2023,
 arXiv:2303.03052) mask the patches a class activation map (CAM) marks as the object (or the
@@ -273,6 +274,22 @@ def random_mask(
     return torch.rand(tuple(shape), device=device, generator=generator) < rate
 
 
+def random_mask_exact(
+    shape: Sequence[int], rate: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> Tensor:
+    """Exactly ``P - int(P * (1 - rate))`` random patches masked per image (``[B, rows, cols]`` bool).
+
+    The official random no-fill keeps ``int(P * (1 - rate))`` of the ``P`` patch tokens of every image
+    (MAE-style: the lowest of ``P`` uniform noises), so every image keeps the same number of tokens.
+    """
+    batch, rows, cols = (int(size) for size in shape)
+    patches = rows * cols
+    kept = int(patches * (1 - rate))
+    noise = torch.rand((batch, patches), device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)
+    return (rank >= kept).view(batch, rows, cols)
+
+
 def patch_mask(
     kind: MaskKind,
     cam: Tensor | None,
@@ -391,13 +408,22 @@ def refill(
 
 @dataclass(frozen=True)
 class CounterfactualSpec:
-    """Which counterfactuals to make: mask kind, fill, CAM threshold, random rate."""
+    """Which counterfactuals to make: mask kind, fill, CAM threshold, random rate, how no-fill hides patches.
+
+    ``drop_tokens`` (no-fill only): the masked patches are dropped from the ViT's tokens (the paper) instead
+    of blanked to 0; a random mask then keeps exactly ``int(P * (1 - rate))`` tokens per image.
+    """
 
     mask: MaskKind = "object"
     fill: FillKind = "single"
     threshold: float = 0.3
     rate: float = 0.5
     allow_self_fill: bool = False
+    drop_tokens: bool = False
+
+    @property
+    def drops_tokens(self) -> bool:
+        return self.drop_tokens and self.fill == "none"
 
 
 class Counterfactuals(NamedTuple):
@@ -429,14 +455,55 @@ def make_counterfactuals(
     cam = logits = None
     if spec.mask != "random":
         cam, logits = class_activation(model, images, labels, layout, keep_graph)
-    mask = patch_mask(
-        spec.mask, cam, spec.threshold, spec.rate, (images.shape[0], rows, cols), images.device, generator
-    )
+    shape = (images.shape[0], rows, cols)
+    if spec.mask == "random" and spec.drops_tokens:
+        mask = random_mask_exact(shape, spec.rate, images.device, generator)
+    else:
+        mask = patch_mask(spec.mask, cam, spec.threshold, spec.rate, shape, images.device, generator)
     with torch.no_grad():
         refilled = refill(
             images.detach(), mask, spec.fill, layout.patch_size, spec.allow_self_fill, generator=generator
         )
     return Counterfactuals(refilled.images, mask, refilled.source, cam, logits if keep_graph else None)
+
+
+def kept_token_mask(dropped: Tensor, num_prefix_tokens: int) -> Tensor:
+    """``[B, prefix + P]`` bool, True for the tokens that stay: every prefix token and the patches not dropped."""
+    prefix = torch.ones(dropped.shape[0], num_prefix_tokens, dtype=torch.bool, device=dropped.device)
+    return torch.cat([prefix, ~dropped.flatten(1)], dim=1)
+
+
+def embedding_without_patches(model: nn.Module, images: Tensor, dropped: Tensor) -> Tensor:
+    """The unnormalised image embedding of ``model`` (an ``ImageClassifier``) computed as if the ``dropped``
+    patches (``[B, rows, cols]`` bool) were not in the image at all: the no-fill counterfactual of the paper.
+
+    Every attention layer gets a key mask, so no token attends to a dropped one; the class token, which the
+    embedding is read from, then depends on the kept tokens only, exactly as when they are removed from the
+    sequence (images keep different numbers of tokens under an object / context mask, so one batched mask
+    replaces a ragged gather). timm ViTs take the mask through ``forward_features(attn_mask=...)``; OpenCLIP
+    ViTs through their transformer's ``attn_mask``.
+
+    Raises:
+        UnsupportedModelError: the backbone is neither a timm nor an OpenCLIP ViT with a class token.
+    """
+    backbone = getattr(model, "backbone", model)
+    layout = patch_layout(backbone)
+    keep = kept_token_mask(dropped, layout.num_prefix_tokens)
+    visual = getattr(backbone, "visual", backbone)
+    if hasattr(visual, "forward_features") and hasattr(visual, "forward_head"):
+        tokens = visual.forward_features(images, attn_mask=keep[:, None, None, :])
+        return visual.forward_head(tokens, pre_logits=True)
+    if hasattr(visual, "_embeds") and hasattr(visual, "transformer") and hasattr(visual, "_pool"):
+        if float(getattr(visual.patch_dropout, "prob", 0.0) or 0.0) > 0:
+            raise UnsupportedModelError("token-dropping no-fill needs an OpenCLIP ViT without patch dropout")
+        tokens = visual._embeds(images)
+        heads = visual.transformer.resblocks[0].attn.num_heads
+        bias = torch.zeros(keep.shape, dtype=tokens.dtype, device=tokens.device).masked_fill(~keep, float("-inf"))
+        length = keep.shape[1]
+        bias = bias[:, None, None, :].expand(-1, heads, length, -1).reshape(-1, length, length)
+        pooled, _ = visual._pool(visual.transformer(tokens, attn_mask=bias))
+        return pooled @ visual.proj if visual.proj is not None else pooled
+    raise UnsupportedModelError(f"token-dropping no-fill: no timm or OpenCLIP ViT in {type(model).__name__}")
 
 
 def has_train_mode_randomness(model: nn.Module) -> bool:

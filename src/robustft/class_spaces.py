@@ -167,3 +167,23 @@ def training_class_space(model: nn.Module, space: ClassSpace) -> Iterator[None]:
     finally:
         open_[0] = False
         handle.remove()
+
+
+@contextmanager
+def predicting_in(predictor: nn.Module, space: ClassSpace) -> Iterator[bool]:
+    """While open, a predictor that mixes softmaxes scores in ``space`` itself; yields whether it does.
+
+    A predictor whose output is a mixture of per-model softmaxes (VRF) must map each model's logits to
+    the split's classes before its softmax (restricting a mixed distribution afterwards gives other
+    predictions); it declares ``set_class_space(space) -> previous``. Others get ``False`` and their
+    logits are mapped by ``space.apply`` afterwards, as before.
+    """
+    setter = getattr(predictor, "set_class_space", None)
+    if space.kind == "identity" or setter is None:
+        yield False
+        return
+    previous = setter(space)
+    try:
+        yield True
+    finally:
+        setter(previous)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -168,9 +168,34 @@ class TrainConfig(StrictModel):
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's options: unknown options are errors, every field has a default."""
+    """Base of every method's options: unknown options are errors, every field has a default.
+
+    ``preset: paper`` sets every option the user did not give to the paper's / official code's value
+    (the subclass's ``paper_preset``; docs/methods.md lists them and why robustft's defaults differ);
+    options given explicitly always win over the preset.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    paper_preset: ClassVar[dict[str, Any]] = {}
+    """Option -> the paper's / official code's value, applied by ``preset: paper``."""
+
+    preset: Literal["default", "paper"] = Field(
+        "default", description="paper: options not set take the paper's / official code's values (docs/methods.md)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        return cls.resolve_preset(data)
+
+    @classmethod
+    def resolve_preset(cls, data: Any) -> Any:
+        """The raw options with the preset's values filled in under the user's own."""
+        if not isinstance(data, dict) or data.get("preset") != "paper":
+            return data
+        if not cls.paper_preset:
+            raise ValueError("preset 'paper': this method has no paper preset (its defaults are the paper's)")
+        return {**cls.paper_preset, **data}
 
 
 class MethodSpec(BaseModel):
@@ -191,7 +216,7 @@ class EvaluateConfig(StrictModel):
     """How finished predictors are scored."""
 
     temperature_scaling: bool = Field(
-        True, description="fit a temperature on id_val; report ece_ts / nll_ts per split (issue 11)"
+        True, description="fit a temperature on id_val; report ece_ts / nll_ts per split (docs/benchmarks.md)"
     )
 
 

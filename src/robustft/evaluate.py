@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robustft.calibration import calibration_metrics, fit_temperature
-from robustft.class_spaces import bucket_accuracy, class_space_of
+from robustft.class_spaces import bucket_accuracy, class_space_of, predicting_in
 from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
@@ -77,8 +77,10 @@ def predict_in_class_space(
 ) -> tuple[Tensor, Tensor]:
     """``predict``, then the logits mapped to the split's declared class space (robustft.class_spaces):
     ``[N, C_split]`` logits against the split's own labels. Use it wherever split logits meet labels."""
-    logits, labels = predict(predictor, dataset, device, batch_size, num_workers)
-    return class_space_of(dataset).apply(logits), labels
+    space = class_space_of(dataset)
+    with predicting_in(predictor, space) as mapped_by_predictor:
+        logits, labels = predict(predictor, dataset, device, batch_size, num_workers)
+    return (logits if mapped_by_predictor else space.apply(logits)), labels
 
 
 def declared_metrics(dataset: Dataset, logits: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -158,7 +160,7 @@ def summarize(metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     }
     if "id_val" in metrics:
         entry["id_val"] = metrics["id_val"]["accuracy"]
-    for key in ("ece", "nll", "ece_ts", "nll_ts"):  # calibration per split (issue 11)
+    for key in ("ece", "nll", "ece_ts", "nll_ts"):  # calibration per split
         values = {name: m[key] for name, m in metrics.items() if key in m}
         if values:
             entry[key] = values

@@ -1,6 +1,6 @@
 """Sparse parameter updates: train a chosen subset of coordinates of chosen tensors.
 
-Shared by SAFT (seed 001: a fixed top-k set chosen once) and GMixout (seed 000: a random active set
+Shared by SAFT (arXiv:2407.03036: a fixed top-k set chosen once) and GMixout (arXiv:2510.06982: a random active set
 resampled every k steps). A chosen tensor ``W`` is replaced, through ``torch.nn.utils.parametrize``,
 by a frozen dense *base* ``B`` plus a trainable 1-D ``values`` vector ``v`` at flat ``indices`` ``I``::
 

@@ -1,11 +1,11 @@
-"""Mixture of adapters (MoA, seed 004: Lee et al., "Domain Generalization Using Large Pretrained Models
+"""Mixture of adapters (MoA: Lee et al., "Domain Generalization Using Large Pretrained Models
 with Mixture-of-Adapters", arXiv:2310.11031), read against the official code cvlab-kaist/MoA.
 
 A frozen linear layer (the attention qkv projection of chosen blocks) becomes
 
     y = W x + b + g(x) * H_{e(x)} x (+ b_adapter for KAdaptation),
 
-with experts ``H_1..H_E`` of different capacity and a per-token top-1 router (METHODS.md, section E):
+with experts ``H_1..H_E`` of different capacity and a per-token top-1 router (docs/methods.md, `mixture_of_adapters`):
 
 - router: ``s = exp(min(t, log 100)) * cos(P x, m_e)`` with ``P`` linear D -> 256 (with bias), expert
   embeddings ``m_e ~ N(0, 0.01)`` and a learnable log-temperature ``t`` initialised at ``log 2``;

@@ -12,7 +12,7 @@ class ImageClassifier(nn.Module):
     """Backbone (images -> embeddings) followed by an ``nn.Linear`` head.
 
     The head is a plain linear layer, so weight-space methods (WiSE-FT, soups) interpolate it like
-    any other weight (METHODS.md, "Zero-shot head"). CLIP-style models classify *normalised*
+    any other weight (docs/methods.md, `zeroshot`). CLIP-style models classify *normalised*
     embeddings (``logit_scale * <x/|x|, t/|t|>``), so ``normalize_features`` L2-normalises the
     embedding before the head, as wise-ft's ``ImageClassifier`` does; the logit scale lives in the
     head's weights.

@@ -80,7 +80,7 @@ def head_kind(config: ModelConfig, loaded: LoadedBackbone, num_classes: int) -> 
 def build_classifier(
     config: ModelConfig, loaded: LoadedBackbone, class_names: list[str], embed_train: EmbedSplit | None = None
 ) -> ImageClassifier:
-    """Backbone + zero-shot head (METHODS.md, "Zero-shot head").
+    """Backbone + zero-shot head (docs/methods.md, `zeroshot`).
 
     ``embed_train`` maps the backbone to (embeddings, labels) of the training split; it is only
     called for a prototype head.

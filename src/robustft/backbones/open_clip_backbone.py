@@ -3,7 +3,7 @@
 The model is built with ``pretrained=None`` (random init, nothing downloaded) and the weights come
 from a local checkpoint through ``load_state_dict_file``, so unsafe pickles are refused the same
 way for every backbone. The image tower becomes the classifier's backbone; the text tower is only
-used to build the zero-shot head (METHODS.md, "Zero-shot head"), following open_clip's
+used to build the zero-shot head (docs/methods.md, `zeroshot`), following open_clip's
 ``build_zero_shot_classifier`` (STYLE.md, section 4).
 """
 
@@ -210,7 +210,7 @@ def open_clip_classifier(parts: OpenClipParts, head: nn.Linear) -> ImageClassifi
 def text_zero_shot_head(
     parts: OpenClipParts, class_names: Sequence[str], templates: Sequence[str], batch_size: int = 256
 ) -> nn.Linear:
-    """The CLIP zero-shot head (METHODS.md, "Zero-shot head"), as ``nn.Linear`` with zero bias.
+    """The CLIP zero-shot head (docs/methods.md, `zeroshot`), as ``nn.Linear`` with zero bias.
 
     Row ``c`` is ``logit_scale * normalise(mean_t normalise(encode_text(template_t.format(class_c))))``,
     so on normalised image features it gives CLIP's logits. Normalising each prompt before the mean

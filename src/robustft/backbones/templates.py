@@ -1,4 +1,4 @@
-"""Prompt templates for CLIP zero-shot heads (METHODS.md, "Zero-shot head").
+"""Prompt templates for CLIP zero-shot heads (docs/methods.md, `zeroshot`).
 
 A class's text embedding is averaged over several phrasings ("a photo of a {}.", "a sketch of a {}.")
 because a single prompt is noisy: ensembling the 80 ImageNet templates of the CLIP paper (Radford et

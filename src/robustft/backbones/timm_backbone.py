@@ -3,7 +3,7 @@
 ``pretrained=False`` always: nothing is downloaded, the weights come from ``checkpoint`` (a timm
 ``model.safetensors`` / ``pytorch_model.bin`` or a robustft run). The classifier is split off so
 that every backbone has the same shape (images -> embedding ``[B, D]``) and the pretrained
-classifier can serve as the zero-shot head (METHODS.md, "Zero-shot head").
+classifier can serve as the zero-shot head (docs/methods.md, `zeroshot`).
 """
 
 from __future__ import annotations

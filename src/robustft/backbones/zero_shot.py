@@ -1,4 +1,4 @@
-"""Zero-shot heads for backbones without a text tower (METHODS.md, "Zero-shot head").
+"""Zero-shot heads for backbones without a text tower (docs/methods.md, `zeroshot`).
 
 Pure tensor functions, no IO. The zero-shot model ``f_zs`` is the starting point of every method and
 the ZS baseline, so its head must be exactly reproducible: either the pretrained model's own

@@ -221,4 +221,13 @@ class PosthocMethod(Method):
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.check_inputs(ctx)
+        record_preset(self.config, ctx)
         return model.requires_grad_(False)
+
+
+def record_preset(config: MethodConfig, ctx: RunContext) -> None:
+    """Put the preset and the effective values of the options it governs into the results entry."""
+    if config.paper_preset:
+        options = config.model_dump(mode="json", include=set(config.paper_preset))
+        ctx.extras["preset"] = config.preset
+        ctx.extras["preset_options"] = options

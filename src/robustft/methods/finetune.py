@@ -16,7 +16,7 @@ class FinetuneConfig(MethodConfig):
 
 @register_method
 class Finetune(Method):
-    """FT (E2E-FT): the baseline that gains ID accuracy and loses robustness (METHODS.md, "Baselines")."""
+    """FT (E2E-FT): the baseline that gains ID accuracy and loses robustness (docs/methods.md, `finetune`)."""
 
     name = "finetune"
     config_cls = FinetuneConfig

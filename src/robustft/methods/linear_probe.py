@@ -78,7 +78,7 @@ def probe_head(model: nn.Module, ctx: RunContext, config: LinearProbeConfig) -> 
 
 @register_method
 class LinearProbe(Method):
-    """LP: train only the head on frozen features (METHODS.md, "Baselines: LP")."""
+    """LP: train only the head on frozen features (docs/methods.md, `linear_probe`)."""
 
     name = "linear_probe"
     config_cls = LinearProbeConfig

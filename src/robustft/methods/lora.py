@@ -39,7 +39,7 @@ class LoraConfig(MethodConfig):
 
 @register_method
 class Lora(Method):
-    """LoRA (METHODS.md, "Baselines: LoRA"): low-rank adapters on chosen linear layers, merged at the end."""
+    """LoRA (docs/methods.md, `lora`): low-rank adapters on chosen linear layers, merged at the end."""
 
     name = "lora"
     config_cls = LoraConfig

@@ -21,7 +21,7 @@ class LpFtConfig(FinetuneConfig):
 
 @register_method
 class LpFt(Finetune):
-    """LP then FT, one run (METHODS.md, "Baselines: LP-FT")."""
+    """LP then FT, one run (docs/methods.md, `lp_ft`)."""
 
     name = "lp_ft"
     config_cls = LpFtConfig

@@ -1,4 +1,4 @@
-"""Masked images as counterfactual samples (Xiao et al., CVPR 2023, arXiv:2303.03052; seed 002).
+"""Masked images as counterfactual samples (Xiao et al., CVPR 2023, arXiv:2303.03052; docs/methods.md).
 
 Fine-tuning learns spurious correlations of the narrow training distribution (the object's
 context, or shortcuts inside the object). The paper breaks them with counterfactual images: a
@@ -17,27 +17,28 @@ The CAM is computed at every step from the student in eval mode for the ground-t
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from robustft.backbones.classifier import ImageClassifier
 from robustft.cam import (
     CounterfactualSpec,
     PatchLayout,
+    embedding_without_patches,
     has_train_mode_randomness,
     make_counterfactuals,
     patch_layout,
 )
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
-from robustft.methods.base import Batch, Method, RunContext, register_method
+from robustft.methods.base import Batch, Method, RunContext, record_preset, register_method
 
 # The paper's variants, with the thresholds / rates of the official example.sh.
-PRESETS: dict[str, dict[str, Any]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "obj_mask_single_fill": {"mask": "object", "fill": "single", "threshold": 0.3},
     "ctx_mask_single_fill": {"mask": "context", "fill": "single", "threshold": 0.5},
     "rand_mask_single_fill": {"mask": "random", "fill": "single", "rate": 0.5},
@@ -48,17 +49,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ctx_mask_no_fill": {"mask": "context", "fill": "none", "threshold": 0.6},
     "rand_mask_no_fill": {"mask": "random", "fill": "none", "rate": 0.75},
 }
-PresetName = Literal[
+VariantName = Literal[
     "obj_mask_single_fill", "ctx_mask_single_fill", "rand_mask_single_fill",
     "obj_mask_multi_fill", "ctx_mask_multi_fill", "rand_mask_multi_fill",
     "obj_mask_no_fill", "ctx_mask_no_fill", "rand_mask_no_fill",
 ]  # fmt: skip
+PresetName = VariantName  # former names
+PRESETS = VARIANTS
 
 
 class MaskedCounterfactualConfig(MethodConfig):
-    """Options; defaults are the paper's headline variant (object mask, single fill, 0.3, beta 30)."""
+    """Options; defaults are the paper's headline variant (object mask, single fill, 0.3, beta 30).
 
-    preset: PresetName = Field(
+    ``variant`` names one of the paper's nine variants (``preset: <variant>``, its former spelling, still
+    works); ``preset: paper`` is the headline variant with the official code's single-fill permutation and
+    token-dropping no-fill.
+    """
+
+    variant: VariantName = Field(
         "obj_mask_single_fill",
         description="paper variant; sets mask, fill and threshold/rate unless those are given explicitly",
     )
@@ -78,18 +86,35 @@ class MaskedCounterfactualConfig(MethodConfig):
     allow_self_fill: bool = Field(
         False, description="single fill: plain permutation as the official code (an image may refill itself)"
     )
+    no_fill: Literal["blank", "drop_tokens"] = Field(
+        "blank",
+        description="fill none: blank masked patches to 0, or drop their tokens (the paper: attention mask; "
+        "random mask keeps exactly int(P(1-rate)) tokens)",
+    )
 
-    @model_validator(mode="before")
+    paper_preset: ClassVar[dict[str, Any]] = {
+        "variant": "obj_mask_single_fill",
+        "beta": 30.0,
+        "allow_self_fill": True,
+        "no_fill": "drop_tokens",
+    }
+
     @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "preset" in data:
-            preset = PRESETS.get(data["preset"])
-            if preset is not None:
-                return {**preset, **data}
-        return data
+    def resolve_preset(cls, data: Any) -> Any:
+        """``preset: <variant>`` is ``variant: <variant>``; then the paper preset; then the variant's options."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("preset") in VARIANTS:
+            data["variant"] = data.pop("preset")
+        data = super().resolve_preset(data)
+        variant = VARIANTS.get(data.get("variant")) if "variant" in data else None
+        return {**variant, **data} if variant is not None else data
 
     def spec(self) -> CounterfactualSpec:
-        return CounterfactualSpec(self.mask, self.fill, self.threshold, self.rate, self.allow_self_fill)
+        return CounterfactualSpec(
+            self.mask, self.fill, self.threshold, self.rate, self.allow_self_fill, self.no_fill == "drop_tokens"
+        )
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
@@ -106,7 +131,7 @@ def distillation_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> T
 
 @register_method
 class MaskedCounterfactual(Method):
-    """FT + feature distillation on CAM-masked, refilled images (METHODS.md, section C).
+    """FT + feature distillation on CAM-masked, refilled images (docs/methods.md, `masked_counterfactual`).
 
     ``prepare`` copies the zero-shot model into a frozen teacher held by the method (so it is in
     neither the optimiser nor a checkpoint; a resumed run rebuilds it from the same zero-shot
@@ -138,6 +163,7 @@ class MaskedCounterfactual(Method):
             raise ConfigError(f"method masked_counterfactual: {error}") from error
         self.teacher = frozen_teacher(model)
         self.share_forward = self.config.share_cam_forward and not has_train_mode_randomness(model)
+        record_preset(self.config, ctx)
         return model
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -147,9 +173,15 @@ class MaskedCounterfactual(Method):
         made = make_counterfactuals(model, images, labels, self.config.spec(), self.layout, self.share_forward)
         logits = made.logits if made.logits is not None else model(images)
         task = F.cross_entropy(logits, labels)
-        with torch.no_grad():
-            target = self.teacher.image_embedding(made.images)
-        distill = distillation_loss(model.image_embedding(made.images), target)
+        if self.config.spec().drops_tokens:
+            with torch.no_grad():
+                target = embedding_without_patches(self.teacher, made.images, made.mask)
+            student = embedding_without_patches(model, made.images, made.mask)
+        else:
+            with torch.no_grad():
+                target = self.teacher.image_embedding(made.images)
+            student = model.image_embedding(made.images)
+        distill = distillation_loss(student, target)
         logs = {"loss_task": task.detach(), "loss_distill": distill.detach(), "masked": made.mask.float().mean()}
         return task + self.config.beta * distill, logs
 

@@ -9,7 +9,7 @@ so ``E[W~] = W``: a coordinate is "mixed out" (swapped for its pretrained value 
 p, and the kept ones are rescaled. Evaluation uses ``W``. All of ``W`` is trained densely (this is
 the original, dense method; GMixout is its sparse generalisation).
 
-Decisions (METHODS.md, "Details read in the official code"):
+Decisions (docs/methods.md, `mixout`):
 
 - Mask granularity: ``input`` (default, as bloodwass/mixout): one Bernoulli value per input feature
   (column) shared by all output rows; ``element``: one per entry (the paper's prose); ``output``: one
@@ -23,7 +23,7 @@ Decisions (METHODS.md, "Details read in the official code"):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import Method, RunContext, record_preset, register_method
 from robustft.sparse import Scope, select_parameters
 
 Granularity = Literal["input", "element", "output"]
@@ -49,6 +49,9 @@ class MixoutConfig(MethodConfig):
     scope: Scope = Field("linear", description="tensors mixed: linear weights, all matrices, or all parameters")
     include: str = Field(r"^backbone\.", description="regex a mixed tensor's name must match")
     exclude: str | None = Field(None, description="regex of tensor names never mixed")
+
+    paper_preset: ClassVar[dict[str, Any]] = {"p": 0.9, "granularity": "input", "gradient": "official"}
+    """bloodwass/mixout: per-input-feature masks and the backward ``grad * M``."""
 
     @model_validator(mode="after")
     def _valid_regex(self) -> MixoutConfig:
@@ -131,7 +134,7 @@ def remove_mixout(model: nn.Module) -> nn.Module:
 
 @register_method
 class Mixout(Method):
-    """Mixout (Lee et al., ICLR 2020): stochastic mixing with the pretrained weights (METHODS.md, "Baselines")."""
+    """Mixout (Lee et al., ICLR 2020): stochastic mixing with the pretrained weights (docs/methods.md, `mixout`)."""
 
     name = "mixout"
     report_columns = ("active_params",)
@@ -150,6 +153,7 @@ class Mixout(Method):
         apply_mixout(model, names, cfg.p, cfg.granularity, cfg.gradient == "official")
         ctx.extras["mixed_params"] = mixed
         ctx.extras["active_params"] = round((1 - cfg.p) * mixed) + total - mixed
+        record_preset(cfg, ctx)
         return model
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:

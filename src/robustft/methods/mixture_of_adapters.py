@@ -1,4 +1,4 @@
-"""Mixture of adapters (MoA, seed 004; Lee et al., arXiv:2310.11031): routed experts of different capacity.
+"""Mixture of adapters (MoA; Lee et al., arXiv:2310.11031): routed experts of different capacity.
 
 The backbone is frozen; the attention ``qkv`` projection of every other block gets a per-token top-1
 mixture of adapter experts (KAdaptation or LoRA, ranks 1, 2, 4, 8; see ``robustft.adapters.mixture``
@@ -16,7 +16,7 @@ LoRA and every other method here); ``random`` gives the paper's setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from robustft.adapters import DEFAULT_QKV_TARGET, inject_mixture, mixture_layers
 from robustft.config import MethodConfig
-from robustft.methods.base import Batch, Method, RunContext, register_method
+from robustft.methods.base import Batch, Method, RunContext, record_preset, register_method
 
 
 class MixtureOfAdaptersConfig(MethodConfig):
@@ -49,6 +49,17 @@ class MixtureOfAdaptersConfig(MethodConfig):
         "zero_shot", description="head initialisation: the zero-shot head, or random (the paper's new head)"
     )
 
+    paper_preset: ClassVar[dict[str, Any]] = {
+        "experts": "kadaptation",
+        "ranks": [1, 2, 4, 8],
+        "blocks": "even",
+        "router_dim": 256,
+        "aux_weight": 0.01,
+        "kron_dropout": 0.5,
+        "head_init": "random",
+    }
+    """cvlab-kaist/MoA: KAdaptation experts of ranks 1-8 on every other block, expert dropout 0.5, new head."""
+
     @field_validator("ranks")
     @classmethod
     def _ranks(cls, value: list[int]) -> list[int]:
@@ -59,7 +70,7 @@ class MixtureOfAdaptersConfig(MethodConfig):
 
 @register_method
 class MixtureOfAdaptersMethod(Method):
-    """MoA (METHODS.md, section E): frozen backbone, routed adapters on qkv, load-balancing loss."""
+    """MoA (docs/methods.md, `mixture_of_adapters`): frozen backbone, routed adapters on qkv, load-balancing loss."""
 
     name = "mixture_of_adapters"
     config_cls = MixtureOfAdaptersConfig
@@ -72,6 +83,7 @@ class MixtureOfAdaptersMethod(Method):
             model.head.reset_parameters()
         model.head.requires_grad_(True)
         ctx.extras["adapted_blocks"] = sorted(chosen)
+        record_preset(self.config, ctx)
         ctx.extras["adapter_params"] = sum(
             p.numel() for name, p in model.named_parameters() if p.requires_grad and not name.startswith("head.")
         )

@@ -42,7 +42,7 @@ class _Soup(PosthocMethod):
 
 @register_method
 class UniformSoup(_Soup):
-    """Uniform soup: the mean of every ingredient's weights (METHODS.md, "Baselines: Model Soups").
+    """Uniform soup: the mean of every ingredient's weights (docs/methods.md, `uniform_soup`).
 
     Wortsman et al., "Model soups", ICML 2022. Runs fine-tuned from one pretrained initialisation
     with different hyper-parameters tend to share a low-error basin, so their average is often better

@@ -72,7 +72,7 @@ class OutputEnsemble(nn.Module):
 
 @register_method
 class OutputEnsembleMethod(PosthocMethod):
-    """OSE: ``p = (1 - alpha) softmax(z_zs) + alpha softmax(z_ft)`` (METHODS.md, "Baselines: OSE").
+    """OSE: ``p = (1 - alpha) softmax(z_zs) + alpha softmax(z_ft)`` (docs/methods.md, `output_ensemble`).
 
     The output-space counterpart of WiSE-FT that Wortsman et al. (CVPR 2022) compare against: it
     reaches a similar ID/OOD trade-off but costs two forward passes per image. Each split is passed

@@ -101,8 +101,20 @@ def build_method(spec: MethodSpec | Any, source: str | None = None) -> Method:
 
 
 def method_options_help(cls: type[Method]) -> list[tuple[str, Any, str]]:
-    """(option, default, description) for ``robustft methods``."""
-    return [(name, info.default, info.description or "") for name, info in cls.config_cls.model_fields.items()]
+    """(option, default, description) for ``robustft methods``; an option of the paper preset says its value.
+
+    ``preset`` is listed only for methods that have a paper preset.
+    """
+    paper = cls.config_cls.paper_preset
+    rows = []
+    for name, info in cls.config_cls.model_fields.items():
+        if name == "preset" and not paper:
+            continue
+        description = info.description or ""
+        if name in paper:
+            description = f"{description} (paper: {paper[name]!r})"
+        rows.append((name, info.default, description))
+    return rows
 
 
 def checked(config: Any, source: str | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""SAFT, Sparse Adaptation for Fine-Tuning (seed 001; METHODS.md, section B).
+"""SAFT, Sparse Adaptation for Fine-Tuning (Nguyen et al., ECCV 2024, arXiv:2407.03036; docs/methods.md).
 
 Phase 1 scores every entry of the chosen tensors by the magnitude of the mean gradient of the
 downstream cross-entropy at the pretrained weights ``W0``, over the whole training split,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from robustft import distributed
 from robustft.backbones.checkpoint_files import load_index_file
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
-from robustft.methods.base import Method, RunContext, register_method
+from robustft.methods.base import Method, RunContext, record_preset, register_method
 from robustft.sparse import Scope, merge_sparse, select_parameters, sparse_parameter_groups, sparsify
 
 SELECTION_FILE = "saft_selection.safetensors"
@@ -44,6 +45,10 @@ class SAFTConfig(MethodConfig):
     include: str = Field("", description="regex a candidate tensor's name must match (default: backbone and head)")
     exclude: str | None = Field(None, description="regex of tensor names never selected")
     selection_path: Path | None = Field(None, description="reuse a saved saft_selection.safetensors (skip phase 1)")
+
+    paper_preset: ClassVar[dict[str, Any]] = {"fraction": 0.001, "scope": "all", "include": ""}
+    """The paper's k = 0.1% of all parameters, from every tensor; its optimiser recipe (AdamW lr 5e-6,
+    wd 0.1, batch 512, cosine, grad clip 1.0) is the run's ``optim`` / ``train`` section (configs/)."""
 
     @model_validator(mode="after")
     def _valid_regex(self) -> SAFTConfig:
@@ -123,7 +128,7 @@ def _shard_batches(ctx: RunContext, split: str):
 
 @register_method
 class SAFT(Method):
-    """SAFT (seed 001): train only the top-k entries by gradient magnitude at the pretrained weights."""
+    """SAFT (Nguyen et al., ECCV 2024): train only the top-k entries by gradient magnitude at the pretrained weights."""
 
     name = "saft"
     report_columns = ("active_params",)
@@ -147,6 +152,7 @@ class SAFT(Method):
         selected = sum(index.numel() for index in selection.values())
         ctx.extras["active_params"] = selected
         ctx.extras["selected_tensors"] = len(selection)
+        record_preset(cfg, ctx)
         ctx.log(f"saft: {selected} of {total} entries selected in {len(selection)} tensors")
         return model
 

@@ -1,7 +1,7 @@
 """VRF, variance-reduction fine-tuning: a sample-wise ensemble of the zero-shot and fine-tuned models.
 
 Zhu, Cui and Zhang, "Robust fine-tuning of zero-shot models via variance reduction", NeurIPS 2024
-(code: BeierZhu/VRF). METHODS.md, section D, and its "Details read in the official code".
+(code: BeierZhu/VRF); docs/methods.md, `vrf`, lists every difference from that code.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import copy
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
 from robustft.methods.base import OneRunInputs, PosthocMethod, RunContext, register_method
 from robustft.posthoc import LoadedRun, composed_name, finetuned_structure, load_run_predictor
@@ -44,16 +45,22 @@ def zero_shot_failures(finetuned_logits: Tensor, zero_shot_logits: Tensor, label
     return (finetuned_logits.argmax(-1) == labels) & (zero_shot_logits.argmax(-1) != labels)
 
 
-def resolve_k(k: float, set_size: int) -> int:
-    """The neighbour rank: ``k >= 1`` is a count, ``0 < k < 1`` a fraction of the ZSF set; clamped to [1, set_size].
+def resolve_k(k: float | str, set_size: int, train_size: int | None = None) -> int:
+    """The neighbour rank: ``k >= 1`` is a count, ``0 < k < 1`` a fraction of the ZSF set, ``"official"`` the
+    reference's ``round(1000 * |ZSF| / |train|)``; clamped to [1, set_size].
 
-    The reference's ``round(1000 * |ZSF| / |train|)`` is 0.08% of the ZSF set on ImageNet but more than the
-    whole set on small training sets, and can round to 0; a fraction of the set is the scale-free version.
+    The reference's rule is 0.08% of the ZSF set on ImageNet but more than the whole set on small training
+    sets, and can round to 0 (guarded here); a fraction of the set is the scale-free version.
     Returns 0 only for an empty set.
     """
     if set_size == 0:
         return 0
-    count = int(k) if k >= 1 else round(k * set_size)
+    if k == "official":
+        if not train_size:
+            raise ValueError("k='official' needs the training-set size")
+        count = round(1000 * set_size / train_size)
+    else:
+        count = int(k) if k >= 1 else round(k * set_size)
     return min(max(count, 1), set_size)
 
 
@@ -122,6 +129,33 @@ def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> flo
     return math.exp((low + high) / 2)
 
 
+def fit_temperature_to_accuracy(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:
+    """The ``T`` at which the mean max-probability of ``softmax(logits / T)`` equals the accuracy (BeierZhu/VRF).
+
+    The official VRF code calibrates each model this way: confidence matches accuracy on average. The mean
+    max-probability falls monotonically as ``T`` grows (each ``exp((z_i - z_max) / T)`` grows towards 1),
+    and the accuracy does not depend on ``T``, so bisection on log T finds the crossing; when it lies
+    outside ``TEMPERATURE_BOUNDS`` the nearer bound is returned.
+    """
+    logits, labels = logits.float(), labels.long()
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+
+    def confidence(log_t: float) -> float:
+        return float(F.softmax(logits / math.exp(log_t), dim=-1).amax(-1).mean())
+
+    low, high = (math.log(bound) for bound in TEMPERATURE_BOUNDS)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if confidence(middle) > accuracy:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
+
+
+TEMPERATURE_FITS = {"nll": fit_temperature, "confidence_matches_accuracy": fit_temperature_to_accuracy}
+
+
 class ExactKnn:
     """Exact nearest neighbours over fixed members, in squared L2 (what FAISS's ``IndexFlatL2`` returns).
 
@@ -185,6 +219,11 @@ class VrfPredictor(nn.Module):
     The ZSF embeddings, ``k``, ``a``, ``b``, both temperatures and the distance kind are buffers, so the
     saved state dict is the whole predictor; the FAISS index is rebuilt from the embeddings after a load
     (and on first use on a new device).
+
+    Scored on a split with a class space (ImageNet-A / -R's 200 classes, ObjectNet's groups), the evaluator
+    sets it with ``set_class_space`` (``robustft.class_spaces.predicting_in``): each model's logits are
+    mapped to the split's classes *before* its softmax, then mixed, as the official code does; the output
+    is then ``[B, C_split]``. Mixing over every class and restricting afterwards gives other predictions.
     """
 
     def __init__(
@@ -210,7 +249,13 @@ class VrfPredictor(nn.Module):
         self.register_buffer("temperature_zero_shot", torch.tensor(float(temperature_zero_shot)))
         self.register_buffer("squared", torch.tensor(distance == "squared_l2"))
         self._index: ExactKnn | None = None
+        self.class_space: ClassSpace = IDENTITY
         self.register_load_state_dict_post_hook(_index_is_stale)
+
+    def set_class_space(self, space: ClassSpace) -> ClassSpace:
+        """Score in ``space`` from now on (see the class docstring); returns the previous space."""
+        previous, self.class_space = self.class_space, space
+        return previous
 
     @property
     def distance_kind(self) -> Distance:
@@ -236,12 +281,12 @@ class VrfPredictor(nn.Module):
         return to_distance(index.squared_distances(normalised_embeddings, k)[:, -1], distance)
 
     def forward(self, images: Tensor) -> Tensor:
-        zero_shot = self.zero_shot(images)
+        zero_shot = self.class_space.apply(self.zero_shot(images))
         if self.zsf_embeddings.shape[0] == 0:
             return F.log_softmax(zero_shot.float() / self.temperature_zero_shot, dim=-1)
         embedding, finetuned = normalised_embedding_and_logits(self.finetuned, images)
         return vrf_log_probs(
-            finetuned,
+            self.class_space.apply(finetuned),
             zero_shot,
             self.distance(embedding),
             self.a,
@@ -262,10 +307,10 @@ def _index_is_stale(module: VrfPredictor, incompatible_keys: Any) -> None:
 class VrfConfig(OneRunInputs):
     """Options of VRF (and the run it combines); every distance-valued option is in the units of ``distance``."""
 
-    k: float = Field(
+    k: float | Literal["official"] = Field(
         0.001,
-        gt=0,
-        description="k-th nearest ZSF neighbour: a count if >= 1, else a fraction of the ZSF set (at least 1)",
+        description="k-th nearest ZSF neighbour: a count if >= 1, else a fraction of the ZSF set (at least 1); "
+        "official: round(1000 * |ZSF| / |train|)",
     )
     distance: Distance = Field(
         "squared_l2", description="squared_l2 (the reference's FAISS distances, what the paper's a, b assume) or l2"
@@ -276,16 +321,33 @@ class VrfConfig(OneRunInputs):
     b: float | None = Field(None, gt=0, description="sigmoid width; None: b_ratio * a")
     a_quantile: float = Field(0.9, gt=0, le=1, description="quantile of ZSF self-distances that sets a default a")
     b_ratio: float = Field(0.4, gt=0, description="default b = b_ratio * a (the paper's 0.6 / 1.5)")
-    fit_temperatures: bool = Field(True, description="fit T_ft and T_zs by NLL on id_val (else both 1)")
+    fit_temperatures: bool = Field(True, description="fit T_ft and T_zs on id_val (else both 1)")
+    temperature_fit: Literal["nll", "confidence_matches_accuracy"] = Field(
+        "nll", description="nll: minimise id_val NLL; confidence_matches_accuracy: the official procedure"
+    )
     pick_on_id_val: bool = Field(False, description="choose a, b on id_val accuracy over the grids below")
     a_quantiles: list[float] = Field(
         [0.5, 0.75, 0.9, 0.95, 1.0], description="pick_on_id_val: a candidates as quantiles of ZSF self-distances"
     )
     b_ratios: list[float] = Field([0.1, 0.25, 0.4, 1.0], description="pick_on_id_val: b candidates as b / a")
 
+    paper_preset: ClassVar[dict[str, Any]] = {
+        "k": "official",
+        "a": 1.5,
+        "b": 0.6,
+        "distance": "squared_l2",
+        "fit_temperatures": True,
+        "temperature_fit": "confidence_matches_accuracy",
+        "pick_on_id_val": False,
+    }
+
     @field_validator("k")
     @classmethod
-    def _whole_count(cls, k: float) -> float:
+    def _whole_count(cls, k: float | str) -> float | str:
+        if isinstance(k, str):
+            return k
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
         if k >= 1 and k != int(k):
             raise ValueError(f"k >= 1 is a neighbour count and must be a whole number, got {k}")
         return k
@@ -318,16 +380,17 @@ def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> LoadedR
 
 @torch.no_grad()
 def split_outputs(zero_shot: nn.Module, finetuned: nn.Module, ctx: RunContext, split: str) -> dict[str, Tensor]:
-    """Normalised FT embeddings, FT and ZS logits and labels of a whole split (CPU), one pass per model."""
+    """Normalised FT embeddings, FT and ZS logits (in the split's class space) and labels of a whole split (CPU)."""
     zero_shot.eval()
     finetuned.eval()
+    space = class_space_of(ctx.splits[split])
     parts: dict[str, list[Tensor]] = {"embeddings": [], "finetuned": [], "zero_shot": [], "labels": []}
     for images, labels in ctx.iterate(split):
         embedding, logits = normalised_embedding_and_logits(finetuned, images)
         for key, value in (
             ("embeddings", embedding),
-            ("finetuned", logits),
-            ("zero_shot", zero_shot(images)),
+            ("finetuned", space.apply(logits)),
+            ("zero_shot", space.apply(zero_shot(images))),
             ("labels", labels),
         ):
             parts[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
@@ -351,7 +414,7 @@ class Vrf(PosthocMethod):
     test image close to that set (small ``d``, the distance to its k-th nearest ZSF member) gets a large
     ``w``. The paper argues this lowers the variance of the ensemble's prediction and with it its error.
 
-    Decisions (METHODS.md "Details read in the official code"):
+    Decisions (docs/methods.md, `vrf`):
     - ``distance`` defaults to ``squared_l2``, the reference's FAISS flat-L2 values (0-4 on unit vectors),
       for which the paper's a=1.5, b=0.6 were tuned. ``l2`` is its square root; kNN ranks are identical.
     - ``a``, ``b`` default to values derived from the ZSF set itself, because the paper's are tuned for CLIP
@@ -362,8 +425,10 @@ class Vrf(PosthocMethod):
       (the paper's ratio). Set ``a``, ``b`` to use fixed values, or ``pick_on_id_val`` to grid-search them
       on id_val accuracy; id_val is ID data only, so that pick favours the fine-tuned model.
     - ``k`` defaults to 0.1% of the ZSF set (at least 1), about the reference's k on ImageNet.
-    - Temperatures divide the logits and are fitted by NLL on ``id_val`` (the reference fits them on the
-      evaluation split, a leak). The ZSF set comes from the train split as loaded: un-augmented unless
+    - Temperatures divide the logits and are fitted by NLL on ``id_val``, a proper scoring rule
+      (``temperature_fit: confidence_matches_accuracy`` is the reference's procedure, also on id_val: the
+      reference fits on the evaluation split, a leak). ``preset: paper`` sets k, a, b and the temperature
+      procedure to the reference's. The ZSF set comes from the train split as loaded: un-augmented unless
       ``data.augment`` is set, as the reference (which embeds un-augmented training images) assumes.
 
     Inference costs two forwards (the models share no backbone), the FT one giving embedding and logits
@@ -398,6 +463,7 @@ class Vrf(PosthocMethod):
             "zsf_size": len(members),
             "train_size": len(failures),
             "distance": config.distance,
+            "temperature_fit": config.temperature_fit if config.fit_temperatures else "none",
         }
         if len(members) == 0:
             message = (
@@ -407,14 +473,15 @@ class Vrf(PosthocMethod):
             warnings.warn(message, VrfWarning, stacklevel=2)
             ctx.log(f"warning: {message}")
             report["warning"] = message
-        k = resolve_k(config.k, len(members))
+        k = resolve_k(config.k, len(members), len(failures))
         index = ExactKnn(members, torch.device("cpu"))
         own = self_distances(index, members, k, config.distance)
         id_val = split_outputs(model, finetuned, ctx, "id_val") if "id_val" in ctx.splits else None
         t_ft, t_zs = 1.0, 1.0
         if config.fit_temperatures:
-            t_ft = fit_temperature(id_val["finetuned"], id_val["labels"])
-            t_zs = fit_temperature(id_val["zero_shot"], id_val["labels"])
+            fit = TEMPERATURE_FITS[config.temperature_fit]
+            t_ft = fit(id_val["finetuned"], id_val["labels"])
+            t_zs = fit(id_val["zero_shot"], id_val["labels"])
         a, b, chosen_by = self._choose_a_b(own, index, k, id_val, t_ft, t_zs, report)
         predictor = VrfPredictor(model, finetuned, members.to(ctx.device), k, a, b, t_ft, t_zs, config.distance)
         report |= {

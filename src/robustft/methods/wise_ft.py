@@ -33,7 +33,7 @@ class WiseFt(PosthocMethod):
     Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022. Fine-tuning moves the
     weights only a little from the zero-shot model, and the straight line between the two stays in a
     low-loss region, so the interpolated model combines the fine-tuned model's ID accuracy with much
-    of the zero-shot model's robustness, at no extra inference cost (METHODS.md, "Baselines: WiSE-FT").
+    of the zero-shot model's robustness, at no extra inference cost (docs/methods.md, `wise_ft`).
 
     This run's prepared model is ``theta_zs``; ``theta_ft`` is ``finetuned_run``'s final checkpoint,
     which must come from the same model (architecture, head and initial weights). Every alpha is

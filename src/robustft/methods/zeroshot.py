@@ -9,7 +9,7 @@ from robustft.methods.base import Method, RunContext, register_method
 
 @register_method
 class ZeroShot(Method):
-    """Evaluate ``f_zs`` as it is (METHODS.md, "Baselines: ZS")."""
+    """Evaluate ``f_zs`` as it is (docs/methods.md, `zeroshot`)."""
 
     name = "zeroshot"
     trains = False
