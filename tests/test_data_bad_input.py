@@ -123,7 +123,7 @@ def test_truncated_image_fails_naming_it_or_is_skipped_and_counted(tmp_path, mon
     assert results["methods"]["finetune"]["steps"] == 1
 
     data["expected"] = {"train": {"images": 6}}  # a declared count catches a skip
-    code, err = run_cli(monkeypatch, capsys, "fit", str(write_config(tmp_path, data)))
+    code, err = run_cli(monkeypatch, capsys, "fit", str(write_config(tmp_path, data)), "--overwrite")
     assert code == 2
     assert_one_error_line(err, "split 'train' has 5 images but data.expected.train.images declares 6")
 

@@ -92,7 +92,7 @@ def test_finetune_raises_id_accuracy(digits_prepared, tmp_path):
 
 def test_results_json_shape(digits_prepared, tmp_path):
     results = fit(demo_config("linear_probe", 3, tmp_path, progress=False), log=quiet, prepared=digits_prepared)
-    assert set(results) == {"benchmark", "seed", "methods"}
+    assert set(results) == {"schema_version", "benchmark", "seed", "methods"}
     assert results["benchmark"] == "digits_shift" and results["seed"] == 3
     entry = results["methods"]["linear_probe"]
     assert isinstance(entry["id"], float) and 0 <= entry["id"] <= 100

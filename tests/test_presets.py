@@ -74,17 +74,18 @@ def test_masked_counterfactual_variant_under_the_paper_preset_and_the_former_spe
 
 def test_a_method_without_a_paper_preset_rejects_it_naming_the_key():
     with pytest.raises(ConfigError, match="method.*preset 'paper'.*no paper preset"):
-        parse_config({"method": {"name": "finetune", "preset": "paper"}})
+        method_options(parse_config({"method": {"name": "finetune", "preset": "paper"}}))
     with pytest.raises(ConfigError, match="method.preset"):
-        parse_config({"method": {"name": "gmixout", "preset": "papers"}})
+        method_options(parse_config({"method": {"name": "gmixout", "preset": "papers"}}))
 
 
 def test_resolved_config_and_results_entry_record_the_preset(tmp_path):
     config = parse_config({"method": {"name": "gmixout", "preset": "paper", "k": 20}})
-    written = yaml.safe_load(write_resolved_config(config, tmp_path / "config.yaml").read_text())
+    path = write_resolved_config(config, tmp_path / "config.yaml", method_options(config))
+    written = yaml.safe_load(path.read_text())
     expected = {"name": "gmixout", "preset": "paper", "p": 0.9, "scope": "matrices", "k": 20}
     assert {key: written["method"][key] for key in expected} == expected
-    assert parse_config(written).method_options() == method_options(config)  # the resolved file re-reads the same
+    assert method_options(parse_config(written)) == method_options(config)  # the resolved file re-reads the same
     ctx = RunContext(tmp_path, torch.device("cpu"), 0, {}, [])
     record_preset(method_options(config), ctx)
     assert ctx.extras == {"preset": "paper", "preset_options": {"p": 0.9, "scope": "matrices"}}

@@ -30,12 +30,11 @@ from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_every
 from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
 from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
+from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
 from robustft.methods import build_method, method_options
 from robustft.methods.base import Method, RunContext
 from robustft.results_schema import declared_by, results_document
 from robustft.run_directory import (
-    FINAL_CHECKPOINT,
-    RESULTS_FILE,
     RunLock,
     check_writable_location,
     config_differences,
@@ -46,7 +45,6 @@ from robustft.run_directory import (
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
