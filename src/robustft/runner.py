@@ -178,13 +178,18 @@ def fit(
         entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
-            try:
-                atomic_write_json(run_dir / RESULTS_FILE, results)
-            except RobustftError:
-                log(f"not saved, the results were: {json.dumps(results)}")  # the evaluation is not lost
-                raise
+            write_results(run_dir, results, log)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Write results.json atomically; if that fails, the results go to the log first, so an evaluation is never lost."""
+    try:
+        atomic_write_json(run_dir / RESULTS_FILE, results)
+    except RobustftError:
+        log(f"not saved, the results were: {json.dumps(results)}")
+        raise
 
 
 def resolved_config(config: RunConfig) -> dict[str, Any]:
@@ -343,9 +348,5 @@ def _evaluate_locked(
         entry = {**saved.get(name, {}), **entry}
     results = results_document(prepared.benchmark, config.seed, {name: entry | declared_by(method)})
     if main:
-        try:
-            atomic_write_json(run_dir / RESULTS_FILE, results)
-        except RobustftError:
-            log(f"not saved, the results were: {json.dumps(results)}")  # the evaluation is not lost
-            raise
+        write_results(run_dir, results, log)
     return results
