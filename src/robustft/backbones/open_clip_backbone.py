@@ -4,7 +4,7 @@ The model is built with ``pretrained=None`` (random init, nothing downloaded) an
 from a local checkpoint through ``load_state_dict_file``, so unsafe pickles are refused the same
 way for every backbone. The image tower becomes the classifier's backbone; the text tower is only
 used to build the zero-shot head (docs/methods.md, `zeroshot`), following open_clip's
-``build_zero_shot_classifier`` (STYLE.md, section 4).
+``build_zero_shot_classifier`` (templates averaged, L2-normalised, one column per class).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The method interface and registry.
 
-One engine owns the loop, optimiser, precision, checkpoints and evaluation (STYLE.md, R1); a method
+One engine owns the loop, optimiser, precision, checkpoints and evaluation (docs/architecture.md); a method
 only fills hooks, each with a do-nothing default, and keeps its maths in pure functions that
 tests call directly. ``@register_method`` adds a class to the registry under its ``name``.
 """
