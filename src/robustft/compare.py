@@ -58,7 +58,7 @@ from robustft.config import (
 from robustft.data import sequential_loader
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
-from robustft.methods import checked, get_method, list_methods, method_options
+from robustft.methods import checked, get_method, list_methods
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
 from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
     leaderboard_csv,
@@ -71,7 +71,7 @@ from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also i
 from robustft.results_schema import SCHEMA_VERSION, leaderboard_declarations
 from robustft.robustness import add_effective_robustness, ood_average
 from robustft.run_directory import config_differences
-from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run
+from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run, resolved_config
 from robustft.safe_io import read_json_object, read_yaml_mapping
 from robustft.sweep import point_name
 
@@ -444,10 +444,7 @@ def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
     if not (plan.run_dir / "config.yaml").is_file():
         return "fresh", ""
     saved = read_yaml_mapping(plan.run_dir / "config.yaml")  # a torn or unsafe config.yaml: one line naming it
-    planned = plan.config.model_dump(mode="json")
-    options = method_options(plan.config).model_dump(mode="json")
-    planned["method"] = {"name": plan.config.method.name, **options}
-    differences = config_differences(json.loads(json.dumps(planned)), saved, ignored=_IGNORED_CONFIG_KEYS)
+    differences = config_differences(resolved_config(plan.config), saved, ignored=_IGNORED_CONFIG_KEYS)
     difference = differences[0] if differences else None  # paths compared resolved: --out runs vs /abs/runs
     if difference:
         return "fresh", f"its config.yaml differs ({difference}); running it again"
