@@ -19,7 +19,7 @@ from robustft.adapters import (
 )
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
-from robustft.errors import ConfigError, UnsupportedModelError
+from robustft.errors import ConfigError
 from robustft.runner import FINAL_CHECKPOINT, fit
 
 
@@ -113,9 +113,9 @@ class MultiheadBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
 
 
-def test_multihead_attention_is_refused_with_the_layer_type_named():
-    with pytest.raises(UnsupportedModelError, match=r"attn is nn.MultiheadAttention"):
-        inject_lora(MultiheadBlock(), (r"attn\.qkv$",), rank=2, alpha=2.0)
-    with pytest.raises(UnsupportedModelError, match=r"attn.out_proj belongs to nn.MultiheadAttention"):
-        inject_lora(MultiheadBlock(), (r"out_proj$",), rank=2, alpha=2.0)
+def test_multihead_attention_projections_are_targets_by_name():
+    assert inject_lora(MultiheadBlock(), (r"attn\.(qkv|in_proj)$",), rank=2, alpha=2.0) == ["attn.in_proj"]
+    assert inject_lora(MultiheadBlock(), (r"out_proj$",), rank=2, alpha=2.0) == ["attn.out_proj"]
     assert inject_lora(MultiheadBlock(), (r"mlp\.0$",), rank=2, alpha=2.0) == ["mlp.0"]
+    with pytest.raises(ConfigError, match=r"no nn.Linear layer or attention projection .*attn.in_proj, attn.out_proj"):
+        inject_lora(MultiheadBlock(), (r"attn\.qkv$",), rank=2, alpha=2.0)

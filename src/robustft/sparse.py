@@ -68,12 +68,18 @@ def select_parameters(
     """Names of the parameters a sparse or mixing method acts on.
 
     Args:
-        scope: ``linear``: weights of ``nn.Linear`` modules; ``matrices``: every parameter with two or
-            more dimensions (linear and conv weights, position tables); ``all``: every parameter.
+        scope: ``linear``: weights of ``nn.Linear`` modules and the fused q/k/v ``in_proj_weight`` of
+            ``nn.MultiheadAttention`` (OpenCLIP; timm's ``qkv`` is an ``nn.Linear``); ``matrices``: every
+            parameter with two or more dimensions (linear and conv weights, position tables); ``all``: every parameter.
         include: regular expression the full name must match (``re.search``); empty: every name.
         exclude: regular expression of names to leave out.
     """
     linear = {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear |= {
+        f"{name}.in_proj_weight" if name else "in_proj_weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
     names = []
     for name, parameter in model.named_parameters():
         in_scope = scope == "all" or (scope == "matrices" and parameter.ndim >= 2) or name in linear

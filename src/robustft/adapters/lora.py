@@ -10,6 +10,12 @@ so at initialisation (``B = 0``) the model is exactly the pretrained one. ``LoRA
 modules, so the final model has the run's original architecture and costs nothing extra at inference
 (WiSE-FT, output ensembles and soups consume it like any fine-tuned run).
 
+``nn.MultiheadAttention`` (OpenCLIP) has no module for its fused q/k/v projection: there ``LoRAUpdate``
+holds ``lora_A``/``lora_B`` as the attention's ``in_proj`` and adds the same update to the projection's
+output (``robustft.adapters.attention``); its ``out_proj`` takes a ``LoRALinear`` like any linear layer.
+Merging folds the updates into ``in_proj_weight`` / ``out_proj.weight`` and gives back a plain
+``nn.MultiheadAttention``: the state-dict keys are the pretrained model's.
+
 Speed: the update is added inside the second GEMM (``torch.addmm(base, x A^T, B^T, alpha=alpha/r)``),
 so there is no separate scale or add kernel over the ``[tokens, out]`` output, and no per-layer Python
 dispatch beyond two ``F.linear`` calls and one ``addmm`` (peft's ``Linear`` adds dtype casts, adapter
@@ -28,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.adapters.targets import replace_module, select_linear_layers
+from robustft.adapters.attention import restore_multihead
+from robustft.adapters.targets import attach, is_adaptable, multihead_owner, replace_module, select_linear_layers
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict, save_state_dict_file
 from robustft.errors import CheckpointError
 from robustft.files import atomic_write
@@ -64,12 +71,7 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        base = F.linear(x, self.weight, self.bias)
-        hidden = F.linear(self.dropout(x), self.lora_A)
-        update = torch.addmm(
-            base.reshape(-1, self.out_features), hidden.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale
-        )
-        return update.view(base.shape)
+        return add_low_rank(self, x, F.linear(x, self.weight, self.bias))
 
     def delta_weight(self) -> Tensor:
         """``(alpha / r) B A`` in the weight's dtype (computed in float32)."""
@@ -97,6 +99,52 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
+class LoRAUpdate(nn.Module):
+    """The LoRA update of a projection without a module of its own (``nn.MultiheadAttention``'s fused
+    ``in_proj_weight``): ``forward(x, projected)`` returns ``projected + (alpha / r) B A dropout(x)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, projected: Tensor) -> Tensor:
+        return add_low_rank(self, x, projected)
+
+    def delta_weight(self) -> Tensor:
+        """``(alpha / r) B A`` (float32 product, in the factors' dtype)."""
+        return (self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.lora_A.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def add_low_rank(layer: LoRALinear | LoRAUpdate, x: Tensor, base: Tensor) -> Tensor:
+    """``base + (alpha / r) B A dropout(x)``, the update added inside the second GEMM (``addmm``)."""
+    hidden = F.linear(layer.dropout(x), layer.lora_A)
+    update = torch.addmm(
+        base.reshape(-1, layer.out_features), hidden.reshape(-1, layer.rank), layer.lora_B.t(), alpha=layer.scale
+    )
+    return update.view(base.shape)
+
+
 def inject_lora(
     model: nn.Module,
     target_modules: Sequence[str],
@@ -105,30 +153,49 @@ def inject_lora(
     dropout: float = 0.0,
     layers: Sequence[str] | None = None,
 ) -> list[str]:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoRALinear`` in place; returns their names.
+    """Give the targeted layers of ``model`` a LoRA update in place; returns their names.
 
-    ``layers`` (exact names, e.g. from a saved adapter) overrides the ``target_modules`` patterns.
+    ``nn.Linear`` layers become ``LoRALinear``; the fused projection of an ``nn.MultiheadAttention``
+    (``<attention>.in_proj``) gets a ``LoRAUpdate``. ``layers`` (exact names, e.g. from a saved adapter)
+    overrides the ``target_modules`` patterns.
 
     Raises:
-        ConfigError: nothing matches, a bad pattern, or ``nn.MultiheadAttention`` layers (see ``targets``).
+        ConfigError: nothing matches or a bad pattern. UnsupportedModelError: an attention geometry
+            that cannot be adapted (see ``targets``).
     """
     names = list(layers) if layers is not None else select_linear_layers(model, target_modules)
-    for name in names:
-        base = model.get_submodule(name)
+
+    def linear(base: nn.Module) -> LoRALinear:
         if isinstance(base, LoRALinear) or not isinstance(base, nn.Linear):
-            raise ValueError(f"{name} is {type(base).__name__}, not a plain nn.Linear to adapt")
-        replace_module(model, name, LoRALinear(base, rank, alpha, dropout))
+            raise ValueError(f"{type(base).__name__} is not a plain nn.Linear to adapt")
+        return LoRALinear(base, rank, alpha, dropout)
+
+    def in_proj(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> LoRAUpdate:
+        return LoRAUpdate(in_features, out_features, rank, alpha, dropout, device, dtype)
+
+    for name in names:
+        attach(model, name, linear, in_proj)
     return names
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAUpdate]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear | LoRAUpdate)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight; the model becomes one of its original architecture."""
     for name, layer in lora_layers(model).items():
-        replace_module(model, name, layer.merged())
+        if isinstance(layer, LoRALinear):
+            replace_module(model, name, layer.merged())
+            continue
+        attention = multihead_owner(model, name)
+        weight = attention.in_proj_weight
+        with torch.no_grad():
+            merged = weight + layer.delta_weight().to(weight.dtype)
+        attention.in_proj_weight = nn.Parameter(merged, requires_grad=weight.requires_grad)
+        attention.in_proj = None
+    for module in model.modules():
+        restore_multihead(module)
     return model
 
 
@@ -203,9 +270,9 @@ def apply_adapter(model: nn.Module, path: str | Path, merge: bool = False) -> nn
         CheckpointError: the adapter names layers the model lacks, or its shapes do not match.
     """
     state, meta = load_adapter(path)
-    missing = [name for name in meta["layers"] if not isinstance(_get(model, name), nn.Linear)]
+    missing = [name for name in meta["layers"] if not is_adaptable(model, name)]
     if missing:
-        raise CheckpointError(f"{path}: adapter layers not found in the model as nn.Linear: {missing[:3]}")
+        raise CheckpointError(f"{path}: adapter layers not found in the model: {missing[:3]}")
     inject_lora(model, (), meta["rank"], meta["alpha"], meta.get("dropout", 0.0), layers=meta["layers"])
     for name, layer in lora_layers(model).items():
         for key in ("lora_A", "lora_B"):

@@ -1,7 +1,8 @@
 """Mixture of adapters (MoA: Lee et al., "Domain Generalization Using Large Pretrained Models
 with Mixture-of-Adapters", arXiv:2310.11031), read against the official code cvlab-kaist/MoA.
 
-A frozen linear layer (the attention qkv projection of chosen blocks) becomes
+A frozen linear layer (the attention qkv projection of chosen blocks; OpenCLIP's fused ``in_proj`` of
+``nn.MultiheadAttention``, see ``robustft.adapters.attention``) becomes
 
     y = W x + b + g(x) * H_{e(x)} x (+ b_adapter for KAdaptation),
 
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.adapters.targets import replace_module, select_linear_layers
+from robustft.adapters.targets import DEFAULT_QKV_TARGET, attach, select_linear_layers
 from robustft.errors import ConfigError
 
 ExpertKind = Literal["lora", "kadaptation"]
@@ -226,27 +227,35 @@ def _glorot(tensor: Tensor) -> Tensor:
 # --- the adapted layer ------------------------------------------------------------------------
 
 
-class MixtureOfAdapters(nn.Linear):
-    """``nn.Linear`` plus a routed mixture of adapters; shares (does not copy) the base ``weight``/``bias``.
+class MixtureUpdate(nn.Module):
+    """A router and experts that add ``g(x) * H_{e(x)} x`` to a projection's output.
 
-    In training each forward stores ``aux_loss`` (the unweighted balancing loss of this layer) and
-    ``expert_fractions`` (``[E]``, share of tokens routed to each expert) for the method's loss hook.
+    ``forward(x, projected)`` returns ``projected`` plus the routed update; it is the ``in_proj`` of an
+    adapted ``nn.MultiheadAttention`` (whose fused projection has no module) and the update half of
+    ``MixtureOfAdapters``. In training each forward stores ``aux_loss`` (the unweighted balancing loss of
+    this layer) and ``expert_fractions`` (``[E]``, share of tokens routed to each expert) for the method's
+    loss hook.
     """
 
-    def __init__(self, base: nn.Linear, experts: nn.Module, num_experts: int, projection_dim: int = 256) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.router = CosineRouter(base.in_features, num_experts, projection_dim)
+    def __init__(
+        self, in_features: int, out_features: int, experts: nn.Module, num_experts: int, projection_dim: int = 256
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_routing(experts, num_experts, projection_dim)
+
+    def _init_routing(self, experts: nn.Module, num_experts: int, projection_dim: int) -> None:
+        self.router = CosineRouter(self.in_features, num_experts, projection_dim)
         self.experts = experts
         self.num_experts = num_experts
         self.noise_std = 1.0 / num_experts
         self.aux_loss: Tensor | None = None
         self.expert_fractions: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        base = F.linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, projected: Tensor) -> Tensor:
+        return self.add_update(x, projected)
+
+    def add_update(self, x: Tensor, projected: Tensor) -> Tensor:
         tokens = x.reshape(-1, self.in_features)
         routing = route_top1(self.router(tokens), self.noise_std if self.training else 0.0)
         update = self.experts(tokens, routing.gates)
@@ -255,10 +264,27 @@ class MixtureOfAdapters(nn.Linear):
             self.expert_fractions = F.one_hot(routing.expert, self.num_experts).float().mean(0).detach()
         else:
             self.aux_loss = self.expert_fractions = None
-        return base + update.view(base.shape).to(base.dtype)
+        return projected + update.view(projected.shape).to(projected.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, experts={type(self.experts).__name__}{list(self.experts.ranks)}"
+        return f"experts={type(self.experts).__name__}{list(self.experts.ranks)}"
+
+
+class MixtureOfAdapters(MixtureUpdate, nn.Linear):
+    """``nn.Linear`` plus a routed mixture of adapters; shares (does not copy) the base ``weight``/``bias``."""
+
+    def __init__(self, base: nn.Linear, experts: nn.Module, num_experts: int, projection_dim: int = 256) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_routing(experts, num_experts, projection_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.add_update(x, F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {MixtureUpdate.extra_repr(self)}"
 
 
 def choose_blocks(count: int, blocks: str | Sequence[int]) -> list[int]:
@@ -288,7 +314,7 @@ def inject_mixture(
     kind: ExpertKind = "kadaptation",
     ranks: Sequence[int] = (1, 2, 4, 8),
     blocks: str | Sequence[int] = "even",
-    target: str = r"attn\.qkv$",
+    target: str = DEFAULT_QKV_TARGET,
     projection_dim: int = 256,
     kron_dim: int = 64,
     kron_dropout: float = 0.0,
@@ -304,19 +330,27 @@ def inject_mixture(
     names = select_linear_layers(model, [target], option="method.target")
     chosen = {index: names[index] for index in choose_blocks(len(names), blocks)}
     rules = None
-    for name in chosen.values():
-        base = model.get_submodule(name)
+
+    def make_experts(in_features: int, out_features: int) -> nn.Module:
+        nonlocal rules
         if kind == "lora":
-            experts: nn.Module = LoRAExperts(base.in_features, base.out_features, ranks)
-        else:
-            rules = rules if rules is not None else KroneckerRules(kron_dim)
-            experts = KAdaptationExperts(base.in_features, base.out_features, ranks, rules, kron_dropout)
-        layer = MixtureOfAdapters(base, experts, len(ranks), projection_dim)
-        layer.router.to(base.weight.device)
-        experts.to(base.weight.device)
-        replace_module(model, name, layer)
+            return LoRAExperts(in_features, out_features, ranks)
+        rules = rules if rules is not None else KroneckerRules(kron_dim)
+        return KAdaptationExperts(in_features, out_features, ranks, rules, kron_dropout)
+
+    def linear(base: nn.Linear) -> MixtureOfAdapters:
+        layer = MixtureOfAdapters(base, make_experts(base.in_features, base.out_features), len(ranks), projection_dim)
+        return layer.to(base.weight.device)  # the base's own tensors are already there
+
+    def in_proj(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> MixtureUpdate:
+        experts = make_experts(in_features, out_features)
+        return MixtureUpdate(in_features, out_features, experts, len(ranks), projection_dim).to(device)
+
+    for name in chosen.values():
+        attach(model, name, linear, in_proj)
     return chosen
 
 
-def mixture_layers(model: nn.Module) -> dict[str, MixtureOfAdapters]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, MixtureOfAdapters)}
+def mixture_layers(model: nn.Module) -> dict[str, MixtureUpdate]:
+    """Every routed layer (``MixtureOfAdapters`` and attention ``in_proj`` updates), by name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MixtureUpdate)}
