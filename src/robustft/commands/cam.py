@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -13,22 +12,34 @@ from robustft.cam import CounterfactualSpec, attention_rollout_cam, cam_figures,
 from robustft.errors import DataError
 
 
-def load_image(path: Path, data_config: dict) -> Tensor:
-    """One image file as a normalised model input ``[1, 3, H, W]`` (resized to the model's size)."""
-    import numpy as np
-    from PIL import Image
+def load_image(path: Path, split: Dataset, data_config: dict) -> Tensor:
+    """One image file as ``[1, 3, H, W]`` model input, preprocessed as ``split`` (an evaluation split of the run)
+    preprocesses its own images: an image folder's or CSV manifest's transform (resize, centre crop,
+    normalise), or the built-in benchmark's resize and normalisation.
 
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
-    tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None]
-    size = tuple(data_config.get("input_size", (3, *tensor.shape[-2:])))[1:]
-    tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(data_config.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
-    std = torch.tensor(data_config.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
-    return (tensor - mean) / std
+    Raises:
+        DataError: the file is not a readable image.
+    """
+    import numpy as np
+
+    from robustft.data.folders import _open_image
+    from robustft.data.tensor_split import TensorSplit
+
+    image = _open_image(path).convert("RGB")
+    transform = getattr(split, "transform", None)
+    if transform is not None:
+        return transform(image)[None]
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    return TensorSplit(pixels, torch.zeros(1, dtype=torch.long), data_config)[0][0][None]
+
+
+def evaluation_split(splits: dict[str, Dataset]) -> Dataset:
+    """The split whose preprocessing an outside image gets: ``id_test``, else any split but ``train`` (whose
+    transform may augment), else ``train``."""
+    for name in ("id_test", *splits):
+        if name in splits and name != "train":
+            return splits[name]
+    return splits["train"]
 
 
 def first_examples(split: Dataset, count: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +85,7 @@ def run_cam_figures(target: str, run_dir: Path, out: Path, count: int = 8, seed:
     device = prepared.ctx.device
     data_config = prepared.model.data_config
     if Path(target).is_file():
-        image = load_image(Path(target), data_config).to(device)
+        image = load_image(Path(target), evaluation_split(splits), data_config).to(device)
         if "train" not in splits:
             raise DataError(f"cam {target}: the run has no train split to take refill donors from")
         donors, _ = first_examples(splits["train"], count)
