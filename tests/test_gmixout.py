@@ -10,7 +10,7 @@ from torch import nn
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.methods.base import RunContext
-from robustft.methods.gmixout import GMixout, GMixoutConfig, base_of, sample_active
+from robustft.methods.gmixout import GMixout, GMixoutConfig, base_of, sample_active, sample_active_sets
 from robustft.methods.mixout import mixout_weight
 from robustft.runner import FINAL_CHECKPOINT, fit
 from robustft.sparse import optimizer_state_bytes, sparse_updates
@@ -156,6 +156,27 @@ def test_output_granularity_draws_whole_rows():
     indices = sample_active(torch.Size([6, 4]), 0.5, "output", torch.device("cpu"))
     rows = indices.view(-1, 4) // 4
     assert indices.numel() == 12 and (rows == rows[:, :1]).all()
+
+
+def test_one_draw_for_all_tensors_gives_uniform_sets_of_fixed_size():
+    """Every set is sorted, unique, of size round((1-p) n); tensors of one shape get different sets; over many
+    draws each coordinate is active with probability 1 - p (the fixed-size uniform subset of a permutation)."""
+    shapes = [torch.Size([6, 5]), torch.Size([6, 5]), torch.Size([7]), torch.Size([4, 3])]
+    generator = torch.Generator().manual_seed(0)
+    counts = [torch.zeros(shape.numel()) for shape in shapes]
+    draws = 4000
+    for _ in range(draws):
+        sets = sample_active_sets(shapes, 0.7, "element", torch.device("cpu"), generator)
+        for count, shape, index in zip(counts, shapes, sets, strict=True):
+            assert index.numel() == round(0.3 * shape.numel()) and torch.equal(index, index.unique())
+            count[index] += 1
+    assert not torch.equal(sets[0], sets[1])
+    for count in counts:
+        expected = round(0.3 * count.numel()) / count.numel()
+        assert ((count / draws) - expected).abs().max() < 0.035, count  # about 4.5 binomial standard deviations
+    rows = sample_active_sets([torch.Size([6, 4]), torch.Size([6, 2])], 0.5, "output", torch.device("cpu"), generator)
+    assert [index.numel() for index in rows] == [12, 6]
+    assert (rows[1].view(-1, 2) // 2 == (rows[1].view(-1, 2) // 2)[:, :1]).all()
 
 
 def test_gmixout_on_digits_trains_sparsely_and_saves_a_plain_model(digits_prepared, tmp_path):

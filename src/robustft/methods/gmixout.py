@@ -27,12 +27,14 @@ the paper's count) with the rest (biases, norms, head, position tables) trained 
 final model ``W`` (``final="ema"`` returns the anchor). The mask draws exactly ``round((1-p) n)``
 coordinates uniformly without replacement (per element, or whole output rows), not i.i.d.
 Bernoulli: every coordinate is still active with probability ``1 - p``, so ``E[Phi] = W`` holds,
-and the active set has a fixed size.
+and the active set has a fixed size. All tensors' sets are drawn together (``sample_active_sets``: one
+``torch.rand`` of keys, the smallest ``round((1-p) n)`` per tensor by a batched ``topk``), on the model's device.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -111,12 +113,40 @@ def sample_active(
     shape: torch.Size, p: float, granularity: str, device: torch.device, generator: torch.Generator | None = None
 ) -> Tensor:
     """Sorted flat indices of a uniformly drawn active set of fixed size (see ``active_count``)."""
-    numel = shape.numel()
-    if granularity == "output" and len(shape) >= 2:
-        rows, width = shape[0], numel // shape[0]
-        chosen = torch.randperm(rows, device=device, generator=generator)[: max(1, round((1 - p) * rows))]
-        return (chosen.sort().values[:, None] * width + torch.arange(width, device=device)).reshape(-1)
-    return torch.randperm(numel, device=device, generator=generator)[: max(1, round((1 - p) * numel))].sort().values
+    return sample_active_sets([shape], p, granularity, device, generator)[0]
+
+
+def sample_active_sets(
+    shapes: Sequence[torch.Size],
+    p: float,
+    granularity: str,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """One active set per shape (sorted flat indices), drawn for all tensors at once on ``device``.
+
+    A tensor's active units (entries, or whole output rows) are the ``round((1 - p) * units)`` smallest of
+    i.i.d. uniform keys: a uniform subset of fixed size, the distribution of a random permutation's first
+    entries, without the permutation. The keys of every tensor come from one ``torch.rand``; tensors with
+    the same number of units share one ``topk`` and one sort (a ViT has four or five such groups), so a
+    resample costs one draw and a few batched selections instead of a permutation and a sort per tensor.
+    """
+    rows = [shape[0] if granularity == "output" and len(shape) >= 2 else shape.numel() for shape in shapes]
+    groups: dict[int, list[int]] = {}
+    for position, units in enumerate(rows):
+        groups.setdefault(units, []).append(position)
+    keys = torch.rand(sum(rows), device=device, generator=generator)
+    chosen: list[Tensor] = [torch.empty(0)] * len(shapes)
+    start = 0
+    for units, members in groups.items():
+        block = keys[start : start + units * len(members)].view(len(members), units)
+        start += units * len(members)
+        count = max(1, round((1 - p) * units))
+        picked = block.topk(count, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        for position, index in zip(members, picked.unbind(0), strict=True):
+            width = shapes[position].numel() // units
+            chosen[position] = index if width == 1 else (index[:, None] * width + torch.arange(width, device=device))
+    return [index.reshape(-1) for index in chosen]
 
 
 def ema_update(anchor: Tensor, weights: Tensor, rate: float) -> Tensor:
@@ -154,11 +184,9 @@ class GMixout(Method):
         device = model.get_parameter(names[0]).device
         # Masks come from their own stream, seeded alike on every torchrun rank: all ranks draw the same masks.
         self._generator = torch.Generator(device=device).manual_seed(ctx.seed + 0x6D1C)
-        indices = {}
-        for name in names:
-            shape = model.get_parameter(name).shape
-            indices[name] = sample_active(shape, cfg.p, cfg.granularity, device, self._generator)
         shapes = {name: model.get_parameter(name).shape for name in names}
+        drawn = sample_active_sets(list(shapes.values()), cfg.p, cfg.granularity, device, self._generator)
+        indices = dict(zip(names, drawn, strict=True))
         updates = sparsify(model, indices, scale=self.scale, factory=GMixoutUpdate)
         for name, update in updates.items():
             update.weights = base_of(model, name).detach().clone()
@@ -182,11 +210,18 @@ class GMixout(Method):
     def resample(self, model: nn.Module) -> None:
         """End the episode (write back W, update the EMA anchor) and start the next on a new mask."""
         optimizer = self._optimizer
-        for name, update in sparse_updates(model).items():
-            anchor = base_of(model, name)
+        updates = sparse_updates(model)
+        anchors = [base_of(model, name) for name in updates]
+        drawn = sample_active_sets(
+            [anchor.shape for anchor in anchors],
+            self.config.p,
+            self.config.granularity,
+            anchors[0].device,
+            self._generator,
+        )
+        for update, anchor, new in zip(updates.values(), anchors, drawn, strict=True):
             write_back(update)
             ema_update(anchor, update.weights, self.config.ema)
-            new = sample_active(anchor.shape, self.config.p, self.config.granularity, anchor.device, self._generator)
             if optimizer is not None:
                 remap_optimizer_state(optimizer, update.values, update.indices, new)
             update.indices.copy_(new)
