@@ -246,9 +246,7 @@ def lora_factors(
     adapter = run_dir / ADAPTER_FILE
     if adapter.is_file():
         state, meta = load_adapter(adapter)
-        factors = {
-            _timm_name(layer): (state[f"{layer}.lora_A"], state[f"{layer}.lora_B"]) for layer in meta["layers"]
-        }
+        factors = {_timm_name(layer): (state[f"{layer}.lora_A"], state[f"{layer}.lora_B"]) for layer in meta["layers"]}
         return factors, int(meta["rank"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
     rank, alpha = int(options.rank), float(options.alpha)
     tuned = loaded.predictor.backbone.state_dict()
