@@ -44,6 +44,7 @@ from robustft.run_directory import (
 )
 from robustft.run_metadata import final_metadata
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
+from robustft.tracking import flat_params, log_evaluation
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 
@@ -181,6 +182,8 @@ def fit(
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
             write_results(run_dir, results, log)
+            params = flat_params(resolved_config(config))
+            log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 
