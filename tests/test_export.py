@@ -155,7 +155,7 @@ def test_timm_export_loads_in_timm_with_the_runs_logits_and_class_names(timm_run
 
 @pytest.mark.parametrize("run", ["lora", "lora_merged"])
 def test_peft_export_loads_in_peft_with_the_runs_logits(timm_runs, run) -> None:
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel  # noqa: N806  (the class, from the optional package)
 
     root, runs, pretrained = timm_runs
     out = export_run(runs[run], "peft", root / "exports" / f"peft_{run}")
