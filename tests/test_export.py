@@ -198,13 +198,15 @@ def test_export_refusals_are_one_line_and_touch_nothing(timm_runs, clip_run, mon
     assert str(taken) in message and "not an empty folder" in message
     assert tree_bytes(taken) == before
     assert "--to 'onnx'" in cli_error(monkeypatch, capsys, "export", str(runs["lora"]), str(root / "x"), "--to", "onnx")
-    assert "normalised" in cli_error(monkeypatch, capsys, "export", str(runs["prototypes"]), str(root / "p"))
+    assert "normalised" in cli_error(
+        monkeypatch, capsys, "export", str(runs["prototypes"]), str(root / "p"), "--to", "timm"
+    )
     message = cli_error(monkeypatch, capsys, "export", str(runs["prototypes"]), str(root / "q"), "--to", "peft")
     assert "finetune" in message and "lora" in message
     assert "open_clip" in cli_error(
         monkeypatch, capsys, "export", str(runs["lora"]), str(root / "r"), "--to", "open_clip"
     )
-    assert "not a finished run" in cli_error(monkeypatch, capsys, "export", str(root), str(root / "s"))
+    assert "not a finished run" in cli_error(monkeypatch, capsys, "export", str(root), str(root / "s"), "--to", "timm")
     leftovers = [path.name for path in root.iterdir() if path.name.lstrip(".").split(".tmp-")[0] in "xpqrs"]
     assert leftovers == []  # neither the export folder nor its temporary was left behind
 
@@ -218,3 +220,16 @@ def test_export_command_lists_the_files(timm_runs, monkeypatch, capsys) -> None:
     printed = capsys.readouterr().out
     assert "config.json" in printed and "model.safetensors" in printed
     assert (root / "cli_timm" / "model.safetensors").is_file()
+
+
+def test_builtin_digits_run_exports_to_timm(digits_prepared, tmp_path) -> None:
+    """The built-in ViT is timm's vit_tiny_patch16_224 architecture with its own args; its classifier head exports."""
+    from robustft.demo import demo_config
+
+    config = demo_config("finetune", 0, tmp_path, steps=1, progress=False)
+    fit(config, log=quiet, prepared=digits_prepared)
+    out = export_run(config.run_dir, "timm", tmp_path / "timm")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    reference = robustft.load(config.run_dir).predictor(images())
+    torch.testing.assert_close(model(images()), reference, atol=1e-5, rtol=0)
+    assert json.loads((out / "config.json").read_text())["label_names"] == digits_prepared.ctx.class_names

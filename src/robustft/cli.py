@@ -317,7 +317,7 @@ def cam(
 def export(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
     out: Annotated[Path, typer.Argument(help="a new (or empty) folder for the export")],
-    to: Annotated[str, typer.Option("--to", help="timm | open_clip | peft")] = "timm",
+    to: Annotated[str, typer.Option("--to", help="timm | open_clip | peft")],
 ) -> None:
     """A run as a timm model, an OpenCLIP checkpoint or a peft LoRA adapter (docs/export.md)."""
     from robustft.commands.export import run_export

@@ -183,7 +183,7 @@ def fit(
         if main:
             write_results(run_dir, results, log)
             params = flat_params(resolved_config(config))
-            log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps)
+            log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps, log)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 

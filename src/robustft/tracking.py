@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -285,11 +285,26 @@ def evaluation_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
 
 
 def log_evaluation(
-    train: Any, run_dir: Path, params: Mapping[str, Any], entry: Mapping[str, Any], method: str, step: int
+    train: Any,
+    run_dir: Path,
+    params: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    method: str,
+    step: int,
+    log: Callable[[str], None] = print,
 ) -> None:
-    """Reopen the run's trackers and log its config (``params``) and evaluation (``entry`` of results.json)."""
-    tracker = open_tracker(train, run_dir, continued=True, method=method)
+    """Reopen the run's trackers and log its config (``params``) and evaluation (``entry`` of results.json).
+
+    Called once results.json is written: a tracker that fails now (a W&B server out of reach) costs one log
+    line, not the finished run.
+    """
+    if not any(getattr(train, flag, False) for flag in ("tensorboard", "mlflow", "wandb")):
+        return
     try:
-        tracker.log_evaluation(step, params, evaluation_metrics(entry), method)
-    finally:
-        tracker.close()
+        tracker = open_tracker(train, run_dir, continued=True, method=method)
+        try:
+            tracker.log_evaluation(step, params, evaluation_metrics(entry), method)
+        finally:
+            tracker.close()
+    except Exception as error:  # any backend's own error type; results.json already holds the evaluation
+        log(f"tracking: the evaluation was not logged ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
