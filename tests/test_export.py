@@ -222,6 +222,7 @@ def test_export_command_lists_the_files(timm_runs, monkeypatch, capsys) -> None:
     assert (root / "cli_timm" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # a digits-shift fit and its evaluation: ~35 s on 2 shared cores
 def test_builtin_digits_run_exports_to_timm(digits_prepared, tmp_path) -> None:
     """The built-in ViT is timm's vit_tiny_patch16_224 architecture with its own args; its classifier head exports."""
     from robustft.demo import demo_config
