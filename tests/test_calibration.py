@@ -120,3 +120,27 @@ def test_results_json_and_report_carry_calibration(digits_prepared, tmp_path) ->
     assert f"{ood_ece:.2f}" in table
     report = write_report(results, tmp_path / "report").read_text()
     assert "## Calibration" in report and f"{entry['temperature']:.3g}" in report
+
+
+def test_vrf_fits_its_temperatures_with_the_one_calibration_fit() -> None:
+    """VRF's NLL temperature is calibration.fit_temperature within VRF's bounds, not a second implementation."""
+    from robustft import calibration
+    from robustft.methods import vrf
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 5, generator=generator) * 4
+    labels = torch.distributions.Categorical(logits=logits / 2.5).sample()
+    fitted = vrf.fit_temperature(logits, labels)
+    assert fitted == calibration.fit_temperature(logits, labels, bounds=vrf.TEMPERATURE_BOUNDS)
+    assert fitted == pytest.approx(fit_temperature(logits, labels), rel=1e-6)  # optimum inside both ranges
+    assert vrf.fit_temperature(logits * 1e3, labels) <= vrf.TEMPERATURE_BOUNDS[1] * (1 + 1e-9)  # VRF's range kept
+
+
+@pytest.mark.slow  # importing torchmetrics takes 10-45 s here; robustft's ECE stays its own for that reason
+def test_ece_equals_torchmetrics_calibration_error() -> None:
+    classification = pytest.importorskip("torchmetrics.functional.classification")
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(500, 7, generator=generator) * 3
+    labels = torch.randint(0, 7, (500,), generator=generator)
+    reference = classification.multiclass_calibration_error(logits.softmax(1), labels, 7, n_bins=15, norm="l1")
+    assert expected_calibration_error(logits, labels, bins=15) == pytest.approx(float(reference), abs=1e-6)

@@ -1,11 +1,10 @@
-"""Experiment tracking: TensorBoard/MLflow mirror metrics.jsonl, are off by default, and fail in one line."""
+"""Experiment tracking: TensorBoard/MLflow/W&B mirror metrics.jsonl, are off by default, and fail in one line."""
 
 from __future__ import annotations
 
 import builtins
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from robustft.config import OptimConfig, TrainConfig
 from robustft.engine import Engine
 from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext
-from robustft.tracking import MLFLOW_RUN_ID_FILE, TENSORBOARD_DIR, open_tracker, scalars
+from robustft.tracking import MLFLOW_DATABASE, MLFLOW_RUN_ID_FILE, TENSORBOARD_DIR, open_tracker, scalars
 
 
 def _tiny_fit(run_dir: Path, steps: int = 3, resume: bool = False, stop_after: int | None = None, **flags) -> None:
@@ -56,7 +55,7 @@ def test_tracking_is_off_by_default(tmp_path: Path) -> None:
     _tiny_fit(tmp_path / "run")
     assert len(_jsonl(tmp_path / "run")) == 3
     assert not (tmp_path / "run" / TENSORBOARD_DIR).exists()
-    assert not (tmp_path / "run" / "mlruns").exists()
+    assert not (tmp_path / "run" / "mlruns").exists() and not (tmp_path / "run" / MLFLOW_DATABASE).exists()
 
 
 def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path: Path) -> None:
@@ -80,7 +79,9 @@ def test_tensorboard_resume_does_not_repeat_steps(tmp_path: Path) -> None:
     assert steps == [record["step"] for record in _jsonl(run_dir)] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(("flag", "package"), [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow")])
+@pytest.mark.parametrize(
+    ("flag", "package"), [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")]
+)
 def test_missing_package_is_a_one_line_config_error(tmp_path, monkeypatch, flag, package) -> None:
     real_import = builtins.__import__
 
@@ -98,45 +99,22 @@ def test_missing_package_is_a_one_line_config_error(tmp_path, monkeypatch, flag,
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
 
 
-class _FakeMlflow(types.ModuleType):
-    """Records the calls robustft makes, so the MLflow backend is tested without the (large) package."""
-
-    def __init__(self) -> None:
-        super().__init__("mlflow")
-        self.uri, self.started, self.metrics, self.params, self.ended = None, [], [], {}, 0
-
-    def set_tracking_uri(self, uri: str) -> None:
-        self.uri = uri
-
-    def start_run(self, run_id=None, run_name=None):
-        self.started.append((run_id, run_name))
-        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id or "run-1"))
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, metrics))
-
-    def log_params(self, params):
-        self.params.update(params)
-
-    def end_run(self):
-        self.ended += 1
-
-
 def test_mlflow_logs_metrics_params_and_resumes_same_run(tmp_path, monkeypatch) -> None:
-    fake = _FakeMlflow()
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    """The real MLflow on its default SQLite backend, in the run directory (MLflow 3 refuses ./mlruns)."""
+    mlflow = pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
     _tiny_fit(run_dir, steps=4, stop_after=2, mlflow=True)
-    assert fake.uri == (run_dir / "mlruns").resolve().as_uri()
-    assert [step for step, _ in fake.metrics] == [1, 2]
-    assert [m["loss"] for _, m in fake.metrics] == pytest.approx([r["loss"] for r in _jsonl(run_dir)])
-    assert "step" not in fake.metrics[0][1]
-    assert fake.params["train.steps"] == "4" and fake.params["optim.lr"] == "0.1"
-    assert (run_dir / MLFLOW_RUN_ID_FILE).read_text().strip() == "run-1"
+    run_id = (run_dir / MLFLOW_RUN_ID_FILE).read_text().strip()
     _tiny_fit(run_dir, steps=4, resume=True, mlflow=True)
-    assert fake.started == [(None, "run"), ("run-1", None)]
-    assert [step for step, _ in fake.metrics] == [1, 2, 3, 4] and fake.ended == 2
+    assert (run_dir / MLFLOW_RUN_ID_FILE).read_text().strip() == run_id  # the same MLflow run continued
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(run_dir / MLFLOW_DATABASE).resolve()}")
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [metric.step for metric in history] == [1, 2, 3, 4]
+    assert [metric.value for metric in history] == pytest.approx([r["loss"] for r in _jsonl(run_dir)], rel=1e-6)
+    run = client.get_run(run_id)
+    assert run.data.params["train.steps"] == "4" and run.data.params["optim.lr"] == "0.1"
+    assert run.info.run_name == "run" and "step" not in run.data.metrics
 
 
 def test_tracking_only_on_the_main_process(tmp_path: Path) -> None:

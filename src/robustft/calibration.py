@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_BINS = 15
-# Temperatures searched, as log T: 0.01 .. 100 covers every model we have seen and keeps T finite
+# Temperatures searched: 0.01 .. 100 covers every model we have seen and keeps T finite
 # when one split is separable (there NLL keeps falling as T -> 0).
-_LOG_T_RANGE = (math.log(1e-2), math.log(1e2))
+TEMPERATURE_BOUNDS = (1e-2, 1e2)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -68,12 +68,17 @@ def _nll_at(logits: Tensor, labels: Tensor, log_temperature: float) -> float:
     return float(F.cross_entropy(logits * math.exp(-log_temperature), labels))
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:
+def fit_temperature(
+    logits: Tensor, labels: Tensor, iterations: int = 60, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> float:
     """The temperature ``T`` minimising ``NLL(logits / T)`` on held-out data (Guo et al. 2017, sec. 4.2).
+
+    The one temperature fit of robustft: evaluation's temperature scaling and VRF's calibration of its two
+    models both call it (VRF with its own, narrower ``bounds``).
 
     Call it with ``id_val`` logits only: fitted on a test split it would report calibration the user
     could never reach. NLL is convex in ``1 / T`` (a log-sum-exp of lines minus a line), hence
-    unimodal in ``log T``, so a golden-section search over ``log T`` in [log 0.01, log 100] finds the
+    unimodal in ``log T``, so a golden-section search over ``log T`` in ``log bounds`` (0.01 .. 100) finds the
     optimum without gradients or step sizes; 60 iterations narrow the bracket to 1e-12.
 
     Dividing by ``T`` never changes the arg-max, so accuracy is untouched; only confidence moves.
@@ -82,7 +87,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> flo
     if len(labels) == 0:
         raise ValueError("fit_temperature: no samples to fit the temperature on")
     logits, labels = logits.detach().double(), labels.to(logits.device)
-    low, high = _LOG_T_RANGE
+    low, high = math.log(bounds[0]), math.log(bounds[1])
     left, right = high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)
     left_nll, right_nll = _nll_at(logits, labels, left), _nll_at(logits, labels, right)
     for _ in range(iterations):

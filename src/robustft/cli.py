@@ -313,6 +313,19 @@ def cam(
     console.print(f"wrote {len(paths)} figures to {out}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out: Annotated[Path, typer.Argument(help="a new (or empty) folder for the export")],
+    to: Annotated[str, typer.Option("--to", help="timm | open_clip | peft")],
+) -> None:
+    """A run as a timm model, an OpenCLIP checkpoint or a peft LoRA adapter (docs/export.md)."""
+    from robustft.commands.export import run_export
+
+    files = run_export(run, to, out)
+    console.print(f"wrote {len(files)} files to {out}: {', '.join(str(path.relative_to(out)) for path in files)}")
+
+
 @app.command("pretrain-digits")
 def pretrain_digits(
     out: Annotated[Path, typer.Option(help="where to write the checkpoint")] = Path("digits_vit.safetensors"),

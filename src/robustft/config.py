@@ -150,7 +150,11 @@ class TrainConfig(StrictModel):
         False, description="also log metrics.jsonl's scalars to <run_dir>/tensorboard (pip install robustft[tracking])"
     )
     mlflow: bool = Field(
-        False, description="also log them to MLflow: $MLFLOW_TRACKING_URI or <run_dir>/mlruns (robustft[tracking])"
+        False, description="also log them to MLflow: $MLFLOW_TRACKING_URI or <run_dir>/mlflow.db (robustft[tracking])"
+    )
+    wandb: bool = Field(
+        False,
+        description="also log them to Weights & Biases (WANDB_MODE=offline: <run_dir>/wandb) (robustft[tracking])",
     )
 
     @field_validator("device")

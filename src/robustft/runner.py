@@ -42,7 +42,9 @@ from robustft.run_directory import (
     make_run_directory,
     removed_on_failure,
 )
+from robustft.run_metadata import final_metadata
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
+from robustft.tracking import flat_params, log_evaluation
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 
@@ -167,7 +169,8 @@ def fit(
             log(f"stopped after step {summary.steps} (train.stop_after); continue with --resume")
             return {}
         if main:
-            save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
+            metadata = final_metadata(predictor, ctx.model_spec, ctx.class_names, method.result_name)
+            save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT, metadata)
         scaling = config.evaluate.temperature_scaling
         with eval_memory_advice(config, ctx.device):
             metrics = evaluate_splits(
@@ -179,6 +182,8 @@ def fit(
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
             write_results(run_dir, results, log)
+            params = flat_params(resolved_config(config))
+            log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps, log)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 

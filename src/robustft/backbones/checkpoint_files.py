@@ -127,8 +127,12 @@ def _strip_wrapper_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def save_state_dict_file(state: Mapping[str, Tensor], path: str | Path) -> None:
+def save_state_dict_file(
+    state: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write ``state`` as safetensors atomically: a crash mid-write never leaves a half file at ``path``.
+
+    ``metadata`` (strings) goes into the header beside ``format: pt`` (``robustft.run_metadata``).
 
     The data goes to ``<path>.tmp`` in the same directory, is fsynced, then ``os.replace``-d over
     ``path`` (atomic on POSIX and Windows within one filesystem). safetensors rejects
@@ -142,7 +146,8 @@ def save_state_dict_file(state: Mapping[str, Tensor], path: str | Path) -> None:
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints are written as safetensors; use a .safetensors file name")
     tensors = _packed_tensors(state)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    header = {**(metadata or {}), "format": "pt"}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def _packed_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ The model is built with ``pretrained=None`` (random init, nothing downloaded) an
 from a local checkpoint through ``load_state_dict_file``, so unsafe pickles are refused the same
 way for every backbone. The image tower becomes the classifier's backbone; the text tower is only
 used to build the zero-shot head (docs/methods.md, `zeroshot`), following open_clip's
-``build_zero_shot_classifier`` (templates averaged, L2-normalised, one column per class).
+``build_zero_shot_classifier``, which builds it (templates averaged, L2-normalised, one column per class).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
-import torch.nn.functional as F
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 from torch import Tensor, nn
 
@@ -229,18 +227,12 @@ def text_zero_shot_head(
         raise ValueError("text_zero_shot_head: class_names is empty")
     templates = load_templates(list(templates))
     classes_per_batch = max(1, batch_size // len(templates))
-    batches = [class_names[i : i + classes_per_batch] for i in range(0, len(class_names), classes_per_batch)]
-    with _eval_mode(parts.model), torch.no_grad():
-        embeddings = [_class_embeddings(parts, batch, templates) for batch in batches]
-    return linear_head(torch.cat(embeddings) * parts.logit_scale)
-
-
-def _class_embeddings(parts: OpenClipParts, class_names: Sequence[str], templates: list[str]) -> Tensor:
     device = next(parts.model.parameters()).device
-    tokens = parts.tokenizer([template.format(name) for name in class_names for template in templates])
-    embeddings = F.normalize(parts.model.encode_text(tokens.to(device)).float(), dim=-1)
-    embeddings = embeddings.reshape(len(class_names), len(templates), -1).mean(dim=1)
-    return F.normalize(embeddings, dim=-1).cpu()
+    with _eval_mode(parts.model):
+        columns = open_clip.build_zero_shot_classifier(
+            parts.model, parts.tokenizer, list(class_names), templates, classes_per_batch, device
+        )
+    return linear_head(columns.T.float().cpu() * parts.logit_scale)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from robustft import calibration
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
@@ -103,30 +104,9 @@ def kth_distance_brute_force(queries: Tensor, members: Tensor, k: int, distance:
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:
-    """The ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out labels (golden-section search on log T).
-
-    The NLL is convex in ``1/T`` (log-sum-exp of a linear function minus a linear term), hence unimodal
-    in ``log T``, so golden-section search finds its minimum within ``TEMPERATURE_BOUNDS``.
-    """
-    logits, labels = logits.float(), labels.long()
-
-    def nll(log_t: float) -> float:
-        return float(F.cross_entropy(logits / math.exp(log_t), labels))
-
-    ratio = (math.sqrt(5) - 1) / 2
-    low, high = (math.log(bound) for bound in TEMPERATURE_BOUNDS)
-    left, right = high - ratio * (high - low), low + ratio * (high - low)
-    nll_left, nll_right = nll(left), nll(right)
-    for _ in range(iterations):
-        if nll_left <= nll_right:
-            high, right, nll_right = right, left, nll_left
-            left = high - ratio * (high - low)
-            nll_left = nll(left)
-        else:
-            low, left, nll_left = left, right, nll_right
-            right = low + ratio * (high - low)
-            nll_right = nll(right)
-    return math.exp((low + high) / 2)
+    """The ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out labels, within ``TEMPERATURE_BOUNDS``:
+    robustft's one temperature fit (``robustft.calibration.fit_temperature``, Guo et al. 2017, sec. 4.2)."""
+    return calibration.fit_temperature(logits, labels, iterations, bounds=TEMPERATURE_BOUNDS)
 
 
 def fit_temperature_to_accuracy(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:

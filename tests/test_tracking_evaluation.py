@@ -1,0 +1,119 @@
+"""After a run is evaluated, TensorBoard, MLflow and W&B (offline) hold its config and its evaluation.
+
+Each backend is read back with its own reader: TensorBoard's event accumulator, an MLflow client on the
+SQLite store, and the protobuf records of W&B's offline ``.wandb`` file (read with wandb's own message
+classes; W&B no longer ships a Python reader of the file, so the record framing is read here).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from posthoc_support import write_shapes_dataset
+from robustft.config import parse_config
+from robustft.runner import fit
+from robustft.tracking import MLFLOW_DATABASE, MLFLOW_RUN_ID_FILE, TENSORBOARD_DIR, WANDB_RUN_ID_FILE
+
+_BLOCK, _HEADER = 32768, 7  # W&B's offline file: LevelDB log framing, 32 KiB blocks, 7-byte record headers
+
+
+def tiny_run(root: Path, **train: bool) -> Path:
+    raw = {
+        "name": "tracked",
+        "output_dir": str(root / "runs"),
+        "data": write_shapes_dataset(root / "data"),
+        "method": {"name": "finetune"},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0},
+        "train": {"steps": 2, "log_every": 1, "progress": False, "checkpoint_every": 10, **train},
+    }
+    fit(parse_config(raw), log=lambda message: None)
+    return root / "runs" / "tracked"
+
+
+def wandb_records(path: Path) -> list:
+    """Every record of a ``.wandb`` file, as wandb's ``Record`` protobuf messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()[_HEADER:]  # ":W&B", magic, version
+    records, pending, position = [], b"", 0
+    offset = _HEADER
+    while position + _HEADER <= len(data):
+        room = _BLOCK - (offset + position) % _BLOCK
+        if room < _HEADER:  # block trailer padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + _HEADER])
+        chunk = data[position + _HEADER : position + _HEADER + length]
+        position += _HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first start a record; middle, last extend
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def expected_metrics(run_dir: Path) -> dict[str, float]:
+    entry = json.loads((run_dir / "results.json").read_text())["methods"]["finetune"]
+    expected = {"eval/accuracy/id_test": entry["id"], "eval/accuracy/ood_dark": entry["ood"]["ood_dark"]}
+    return expected | {"eval/ood_avg": entry["ood_avg"], "eval/ece/id_test": entry["ece"]["id_test"]}
+
+
+def test_evaluation_and_config_reach_tensorboard_and_wandb(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tiny_run(tmp_path, tensorboard=True, wandb=True)
+    expected = expected_metrics(run_dir)
+
+    accumulator = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    accumulator.Reload()
+    for tag, value in expected.items():
+        assert [(event.step, event.value) for event in accumulator.Scalars(tag)] == [(2, pytest.approx(value))]
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2]
+    hparams = accumulator.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    assert b"finetune" in hparams and b"optim.lr" in hparams  # the HParams row: method and config
+
+    wandb_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(files) == 2  # training, then the evaluation: one W&B run id, synced together
+    records = [record for path in files for record in wandb_records(path)]
+    runs = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+    assert {run.display_name for run in runs} == {"tracked"} and {run.run_id for run in runs} == {wandb_id}
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            history |= {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+            }
+    assert {key: history[key] for key in expected} == pytest.approx(expected)
+    assert "train/loss" in history
+    config = {}
+    updates = [
+        item for record in records if record.WhichOneof("record_type") == "config" for item in record.config.update
+    ]
+    for item in [*updates, *(item for run in runs for item in run.config.update)]:
+        value = json.loads(item.value_json)
+        config[item.key] = value["value"] if isinstance(value, dict) and "value" in value else value
+    assert config["method"] == "finetune" and config["optim.lr"] == pytest.approx(1e-3)
+    assert config["model.source"] == "builtin"
+
+
+@pytest.mark.slow  # MLflow's import and SQLite schema creation: ~20-60 s on 2 shared cores
+def test_evaluation_and_config_reach_mlflow(tmp_path, monkeypatch) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tiny_run(tmp_path, mlflow=True)
+    expected = expected_metrics(run_dir)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(run_dir / MLFLOW_DATABASE).resolve()}")
+    run = client.get_run((run_dir / MLFLOW_RUN_ID_FILE).read_text().strip())
+    assert run.info.run_name == "tracked" and run.data.tags["method"] == "finetune"
+    assert {key: run.data.metrics[key] for key in expected} == pytest.approx(expected)
+    assert run.data.params["method.name"] == "finetune" and run.data.params["data.batch_size"] == "8"
+    assert run.data.params["model.source"] == "builtin" and run.data.params["train.steps"] == "2"
