@@ -24,7 +24,7 @@ from posthoc_support import quiet, write_shapes_dataset
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.compare import load_compare_config
 from robustft.errors import ConfigError
-from robustft.launchers import JOBS_FILE, ClusterOptions, SubmititLauncher, make_launcher
+from robustft.launchers import JOBS_FILE, ClusterOptions, SubmititLauncher, make_launcher, torchrun_command
 from robustft.runner import FINAL_CHECKPOINT, RESULTS_FILE, fit
 
 METHODS = ["zeroshot", "finetune", "wise_ft"]
@@ -192,3 +192,52 @@ def test_cluster_options_are_checked_and_reach_submitit(tmp_path):
     assert parameters["gpus_per_node"] == 4 and parameters["timeout_min"] == 240
     local = SubmititLauncher(ClusterOptions("local", time_minutes=5)).executor(tmp_path)
     assert type(local._executor).__name__ == "LocalExecutor" and local._executor.parameters["timeout_min"] == 5
+
+
+def planned_runs(root: Path, *overrides: str):
+    from robustft.compare import plan_seed
+
+    base, settings = load_compare_config(write_config(root), list(overrides))
+    return plan_seed(base, METHODS, 0, root / "cmp" / "seed0", settings)
+
+
+def test_a_job_with_several_gpus_asks_for_them_and_runs_its_fit_under_torchrun(tmp_path):
+    options = ClusterOptions("slurm", partition="gpu", gpus_per_job=4)
+    launcher = SubmititLauncher(options)
+    parameters = launcher.executor_parameters()
+    assert parameters["gpus_per_node"] == 4 and parameters["tasks_per_node"] == 1  # one torchrun per job
+    tasks = {task.run_dir.name: task for task in launcher.comparison_tasks(planned_runs(tmp_path))}
+    assert {name: task.job.gpus for name, task in tasks.items()} == {name: 4 for name in METHODS}
+    config_file = tmp_path / "finetune.yaml"
+    assert torchrun_command(config_file, 4) == [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"),
+        *("-m", "robustft", "fit", str(config_file)),
+    ]
+    assert torchrun_command(config_file, 4, resume=True)[-1] == "--resume"
+
+
+@pytest.mark.slow
+def test_a_job_with_two_processes_trains_under_torchrun_on_the_cpu(tmp_path, capfd):
+    """The job callable submitit runs, with 2 processes per job: 2 gloo ranks on the CPU, the 1-process weights."""
+    plans = {plan.method: plan for plan in planned_runs(tmp_path, "train.steps=6")}
+    job = SubmititLauncher(ClusterOptions("local", gpus_per_job=2)).comparison_tasks([plans["finetune"]])[0].job
+    environment = job_environment()
+    previous = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ.update({key: environment[key] for key in previous})
+    try:
+        results, status, error = job()
+    finally:
+        for key, value in previous.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert (status, error) == ("fitted", None) and "finetune" in results["methods"]
+    assert "--nproc_per_node=2" in capfd.readouterr().out
+    one_process = plans["finetune"].config.model_copy(update={"output_dir": tmp_path / "one_process"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(one_process, log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    got = load_state_dict_file(plans["finetune"].run_dir / FINAL_CHECKPOINT)
+    expected = load_state_dict_file(one_process.run_dir / FINAL_CHECKPOINT)
+    assert max((got[key] - expected[key]).abs().max().item() for key in expected) < 1e-5
