@@ -3,7 +3,9 @@ requeued through submitit's checkpointing and a killed one resubmitted, both res
 result; running the command again reuses every finished run and submits nothing.
 
 The comparison is 3 methods (zero-shot, fine-tune, WiSE-FT over the fine-tune) x 2 seeds on a tiny image-folder
-dataset with the built-in ViT, so each job is mostly interpreter start-up.
+dataset with the built-in ViT, so each job is mostly interpreter start-up. The same scenario on the built-in
+benchmark (digits-shift) is the slow test at the end: there each job also evaluates 6 splits of ~400 images (WiSE-FT
+once per alpha), which puts the whole test well past the default suite's budget on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ STEPS = 120  # long enough that a job is caught between its first checkpoint and
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, built_in: bool = False) -> Path:
     raw = {
         "name": "cmp",
         "output_dir": str(root / "runs"),
-        "data": write_shapes_dataset(root / "data"),
+        "data": {"benchmark": "digits_shift", "batch_size": 32} if built_in else write_shapes_dataset(root / "data"),
         "method": {"name": "finetune"},
         "optim": {"name": "sgd", "lr": 1e-3},
         "train": {"steps": STEPS, "progress": False, "checkpoint_every": 5, "log_every": 5, "device": "cpu"},
@@ -85,9 +87,13 @@ def job_logs(out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("launch"))
+
+
+def launch(root: Path, built_in: bool = False):
     """The comparison through the CLI with two jobs interrupted mid-run; then the same command again."""
-    root = tmp_path_factory.mktemp("launch")
-    config, out = write_config(root), root / "cmp"
+    root.mkdir(parents=True, exist_ok=True)
+    config, out = write_config(root, built_in), root / "cmp"
     started = time.monotonic()
     command = subprocess.Popen(compare_command(config, out), env=job_environment(), stdout=subprocess.PIPE, text=True)
     os.kill(task_process(out, out / "seed0" / "finetune"), signal.SIGUSR2)  # pre-emption: submitit requeues
@@ -241,3 +247,13 @@ def test_a_job_with_two_processes_trains_under_torchrun_on_the_cpu(tmp_path, cap
     got = load_state_dict_file(plans["finetune"].run_dir / FINAL_CHECKPOINT)
     expected = load_state_dict_file(one_process.run_dir / FINAL_CHECKPOINT)
     assert max((got[key] - expected[key]).abs().max().item() for key in expected) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_comparison_on_the_built_in_benchmark_survives_a_preemption_and_a_kill(tmp_path):
+    """The scenario above on digits-shift: every job generates (or reads from the data cache) the benchmark."""
+    launched = launch(tmp_path / "launch", built_in=True)
+    test_every_run_is_one_job_and_the_leaderboard_has_every_method_and_seed(launched)
+    test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_weights(launched, tmp_path / "preempted")
+    test_a_killed_job_is_resubmitted_and_resumes_to_the_uninterrupted_results(launched, tmp_path / "killed")
+    test_the_same_command_again_submits_nothing_and_gives_the_same_leaderboard(launched)
