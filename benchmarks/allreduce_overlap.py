@@ -11,8 +11,9 @@ copy). ``train.strategy`` decides the averaging: ``ddp`` wraps the method's loss
 (each 25 MB bucket all-reduced as soon as its gradients are ready), ``allreduce`` averages every gradient after
 the whole backward. The two are interleaved: ``--rounds`` rounds, each timing ``--steps`` steps of both, the
 order alternating between rounds, so a change of machine load hits both. ``allreduce_seconds`` is one bare
-all-reduce of every gradient (the communication the backward could hide); ``load`` is ``os.getloadavg()``
-before and after each round (this machine is shared: read the ratio, not the absolute times).
+all-reduce of every gradient (the communication the backward could hide: at most this much can
+``allreduce_minus_ddp_seconds`` be); ``load`` is ``os.getloadavg()`` before and after each round (on a shared
+machine compare the difference with ``step_seconds_spread`` before reading anything into it).
 """
 
 from __future__ import annotations
@@ -113,8 +114,12 @@ def main() -> None:
         "steps_per_round": args.steps,
         "median_step_seconds": medians,
         "ddp_over_allreduce": medians["ddp"] / medians["allreduce"],
+        "allreduce_minus_ddp_seconds": medians["allreduce"] - medians["ddp"],
         "median_bare_allreduce_seconds": communication,
-        "hidden_by_ddp_fraction": (medians["allreduce"] - medians["ddp"]) / communication,
+        "step_seconds_spread": {
+            strategy: {"min": min(times), "max": max(times), "stdev": statistics.stdev(times)}
+            for strategy, times in measured["step_seconds"].items()
+        },
         "step_seconds": measured["step_seconds"],
         "bare_allreduce_seconds": measured["allreduce_seconds"],
         "load_before_after_rounds": measured["load"],
