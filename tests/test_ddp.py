@@ -42,6 +42,7 @@ SLOW_RUNS = [
     ("saft", "saft", "ddp", 1),
     ("mixout", "mixout", "ddp", 1),
     ("lp_ft", "lp_ft", "ddp", 1),
+    ("flyp", "flyp", "ddp", 1),
 ]
 # Mixture of adapters' load-balancing loss is computed on each rank's half of the batch (docs/distributed.md), so
 # 2 processes are close to 1 process, not equal (measured 1.9e-4 after 4 SGD steps): it is compared across the two
@@ -50,7 +51,8 @@ ONE_PROCESS_RUNS = ("finetune_accumulated",)
 
 
 def run_config(root: Path, world: int, name: str, method: str, strategy: str, accumulation: int):
-    raw = {
+    model = {"model": tiny_clip(root)} if method == "flyp" else {}  # FLYP needs a text tower
+    raw = model | {
         "name": name,
         "output_dir": str(root / f"world{world}"),
         "data": write_shapes_dataset(root / "data") if not (root / "data").is_dir() else _data(root),
@@ -60,6 +62,23 @@ def run_config(root: Path, world: int, name: str, method: str, strategy: str, ac
         | {"strategy": strategy, "grad_accumulation": accumulation},
     }
     return parse_config(raw, source=name)
+
+
+def tiny_clip(root: Path) -> dict:
+    """A random tiny OpenCLIP model saved as a checkpoint once (the ``model:`` section of a FLYP run)."""
+    import json
+
+    import open_clip
+
+    from robustft.backbones.checkpoint_files import save_state_dict_file
+    from test_flyp import TEMPLATES, TINY_CLIP
+
+    config_path, checkpoint = root / "robustft-test-ddp-clip.json", root / "clip.safetensors"
+    if not checkpoint.is_file():
+        config_path.write_text(json.dumps(TINY_CLIP))
+        torch.manual_seed(0)
+        save_state_dict_file(open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP).state_dict(), checkpoint)
+    return {"source": "open_clip", "name": str(config_path), "checkpoint": str(checkpoint), "templates": TEMPLATES}
 
 
 def _data(root: Path) -> dict:

@@ -3,11 +3,12 @@
 ``torchrun --nproc_per_node N -m robustft fit CONFIG`` starts N copies of the same run; each reads
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` from its environment and
 joins one process group (NCCL on GPUs, gloo on CPUs). Every rank holds the whole model. The engine
-splits each *global* batch of ``data.batch_size`` samples into contiguous per-rank slices and, after
-the backward passes of one optimiser step, averages the gradients over the ranks with one
-``all_reduce`` per bucket, so every rank takes the same optimiser step on the same weights, which is
-what ``DistributedDataParallel`` computes (see docs/distributed.md for why the engine reduces the
-gradients itself instead of wrapping the model).
+splits each *global* batch of ``data.batch_size`` samples into contiguous per-rank slices, and torch's
+``DistributedDataParallel``, wrapped around the method's loss (:class:`MethodLoss`, so a loss may call
+the model however it likes), averages the gradients bucket by bucket during the backward; every rank
+then takes the same optimiser step on the same weights. ``train.strategy=allreduce`` averages them
+after the backward instead (``all_reduce_mean_``), and ``fsdp`` shards the model (:class:`ShardedModel`);
+docs/distributed.md says which method takes which path.
 
 Every helper here is a no-op (or the identity) in a single process, so methods may call them freely:
 ``is_main_process``, ``rank``, ``world_size``, ``barrier``, ``broadcast_object``, ``broadcast_module``,
