@@ -258,7 +258,7 @@ class Engine:
     ) -> dict[str, float]:
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
-        loss_of = sync.loss if sync is not None else (lambda model, batch, step: method.loss(model, batch, step))
+        loss_of = sync.loss if sync is not None else method.loss  # DDP's forward, or the method's loss itself
         for index in range(accumulation):
             images, labels, weight = next(batches)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
