@@ -185,3 +185,20 @@ def test_methods_whose_loss_couples_the_batch_get_the_same_weights_under_ddp_and
     modes = torch.load(root / "modes.pt")
     for name, _, strategy, _ in COUPLED_RUNS:
         assert modes[name] == [f"gradients averaged over 2 processes by {strategy}"], name
+
+
+def test_the_gradient_path_follows_the_strategy_and_the_method(monkeypatch):
+    assert distributed.gradient_path("finetune", "ddp", 1) == "none"
+    assert distributed.gradient_path("finetune", "ddp", 2) == "ddp"
+    assert distributed.gradient_path("finetune", "allreduce", 2) == "allreduce"
+    monkeypatch.setitem(distributed.ALLREDUCE_METHODS, "finetune", "a loss DDP cannot serve")
+    assert distributed.gradient_path("finetune", "ddp", 2) == "allreduce"  # falls back
+    model = torch.nn.Linear(3, 2)
+    from robustft.methods.registry import get_method
+
+    method = get_method("finetune")()
+    sync = distributed.GradientSync(method, model, torch.device("cpu"))  # one process: the loss itself, no wrap
+    images, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    loss, _ = sync.loss(model, (images, labels), 0)
+    assert sync.mode == "none" and sync.wrapped is None and not sync.reduces_in_backward
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(model(images), labels))

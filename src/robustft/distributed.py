@@ -308,6 +308,13 @@ class MethodLoss(nn.Module):
         return self.method.loss(self.model, (images, labels), step)
 
 
+def gradient_path(method: str, strategy: str, processes: int) -> str:
+    """``none`` (one process), ``allreduce`` (asked for, or a method DDP cannot serve) or ``ddp``."""
+    if processes <= 1:
+        return "none"
+    return "allreduce" if strategy == "allreduce" or method in ALLREDUCE_METHODS else "ddp"
+
+
 class GradientSync:
     """How the gradients of one optimiser step are averaged over the ranks under ``train.strategy=ddp``.
 
@@ -320,14 +327,10 @@ class GradientSync:
 
     def __init__(self, method: Any, model: nn.Module, device: torch.device, strategy: str = "ddp") -> None:
         self.wrapped: nn.Module | None = None
-        if world_size() <= 1:
-            self.mode = "none"
-        elif strategy == "allreduce" or method.name in ALLREDUCE_METHODS:
-            self.mode = "allreduce"
-        else:
+        self.mode = gradient_path(method.name, strategy, world_size())
+        if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            self.mode = "ddp"
             self.wrapped = DistributedDataParallel(
                 MethodLoss(method, model),
                 device_ids=[device.index] if device.type == "cuda" else None,
