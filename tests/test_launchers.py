@@ -66,7 +66,7 @@ def job_environment() -> dict[str, str]:
     }
 
 
-def task_process(out: Path, run_dir: Path, timeout: float = 400) -> int:
+def task_process(out: Path, run_dir: Path, timeout: float = 900) -> int:
     """The pid of the training process of ``run_dir``'s job (the child of submitit's local job controller),
     once the run has written its first checkpoint."""
     deadline = time.monotonic() + timeout
@@ -98,7 +98,7 @@ def launch(root: Path, built_in: bool = False):
     command = subprocess.Popen(compare_command(config, out), env=job_environment(), stdout=subprocess.PIPE, text=True)
     os.kill(task_process(out, out / "seed0" / "finetune"), signal.SIGUSR2)  # pre-emption: submitit requeues
     os.kill(task_process(out, out / "seed1" / "finetune"), signal.SIGKILL)  # node failure: robustft resubmits
-    first_output, _ = command.communicate(timeout=600)
+    first_output, _ = command.communicate(timeout=1200)
     first_seconds = time.monotonic() - started
     registry = json.loads((out / JOBS_FILE).read_text())
     registry["manifest"] = json.loads((out / "compare_runs.json").read_text())["runs"]  # before the second call
