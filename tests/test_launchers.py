@@ -3,7 +3,9 @@ requeued through submitit's checkpointing and a killed one resubmitted, both res
 result; running the command again reuses every finished run and submits nothing.
 
 The comparison is 3 methods (zero-shot, fine-tune, WiSE-FT over the fine-tune) x 2 seeds on a tiny image-folder
-dataset with the built-in ViT, so each job is mostly interpreter start-up.
+dataset with the built-in ViT, so each job is mostly interpreter start-up. The same scenario on the built-in
+benchmark (digits-shift) is the slow test at the end: there each job also evaluates 6 splits of ~400 images (WiSE-FT
+once per alpha), which puts the whole test well past the default suite's budget on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from posthoc_support import quiet, write_shapes_dataset
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.compare import load_compare_config
 from robustft.errors import ConfigError
-from robustft.launchers import JOBS_FILE, ClusterOptions, SubmititLauncher, make_launcher
+from robustft.launchers import JOBS_FILE, ClusterOptions, SubmititLauncher, make_launcher, torchrun_command
 from robustft.runner import FINAL_CHECKPOINT, RESULTS_FILE, fit
 
 METHODS = ["zeroshot", "finetune", "wise_ft"]
@@ -33,11 +35,11 @@ STEPS = 120  # long enough that a job is caught between its first checkpoint and
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, built_in: bool = False) -> Path:
     raw = {
         "name": "cmp",
         "output_dir": str(root / "runs"),
-        "data": write_shapes_dataset(root / "data"),
+        "data": {"benchmark": "digits_shift", "batch_size": 32} if built_in else write_shapes_dataset(root / "data"),
         "method": {"name": "finetune"},
         "optim": {"name": "sgd", "lr": 1e-3},
         "train": {"steps": STEPS, "progress": False, "checkpoint_every": 5, "log_every": 5, "device": "cpu"},
@@ -64,7 +66,7 @@ def job_environment() -> dict[str, str]:
     }
 
 
-def task_process(out: Path, run_dir: Path, timeout: float = 400) -> int:
+def task_process(out: Path, run_dir: Path, timeout: float = 900) -> int:
     """The pid of the training process of ``run_dir``'s job (the child of submitit's local job controller),
     once the run has written its first checkpoint."""
     deadline = time.monotonic() + timeout
@@ -85,14 +87,18 @@ def job_logs(out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("launch"))
+
+
+def launch(root: Path, built_in: bool = False):
     """The comparison through the CLI with two jobs interrupted mid-run; then the same command again."""
-    root = tmp_path_factory.mktemp("launch")
-    config, out = write_config(root), root / "cmp"
+    root.mkdir(parents=True, exist_ok=True)
+    config, out = write_config(root, built_in), root / "cmp"
     started = time.monotonic()
     command = subprocess.Popen(compare_command(config, out), env=job_environment(), stdout=subprocess.PIPE, text=True)
     os.kill(task_process(out, out / "seed0" / "finetune"), signal.SIGUSR2)  # pre-emption: submitit requeues
     os.kill(task_process(out, out / "seed1" / "finetune"), signal.SIGKILL)  # node failure: robustft resubmits
-    first_output, _ = command.communicate(timeout=600)
+    first_output, _ = command.communicate(timeout=1200)
     first_seconds = time.monotonic() - started
     registry = json.loads((out / JOBS_FILE).read_text())
     registry["manifest"] = json.loads((out / "compare_runs.json").read_text())["runs"]  # before the second call
@@ -192,3 +198,62 @@ def test_cluster_options_are_checked_and_reach_submitit(tmp_path):
     assert parameters["gpus_per_node"] == 4 and parameters["timeout_min"] == 240
     local = SubmititLauncher(ClusterOptions("local", time_minutes=5)).executor(tmp_path)
     assert type(local._executor).__name__ == "LocalExecutor" and local._executor.parameters["timeout_min"] == 5
+
+
+def planned_runs(root: Path, *overrides: str):
+    from robustft.compare import plan_seed
+
+    base, settings = load_compare_config(write_config(root), list(overrides))
+    return plan_seed(base, METHODS, 0, root / "cmp" / "seed0", settings)
+
+
+def test_a_job_with_several_gpus_asks_for_them_and_runs_its_fit_under_torchrun(tmp_path):
+    options = ClusterOptions("slurm", partition="gpu", gpus_per_job=4)
+    launcher = SubmititLauncher(options)
+    parameters = launcher.executor_parameters()
+    assert parameters["gpus_per_node"] == 4 and parameters["tasks_per_node"] == 1  # one torchrun per job
+    tasks = {task.run_dir.name: task for task in launcher.comparison_tasks(planned_runs(tmp_path))}
+    assert {name: task.job.gpus for name, task in tasks.items()} == {name: 4 for name in METHODS}
+    config_file = tmp_path / "finetune.yaml"
+    assert torchrun_command(config_file, 4) == [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"),
+        *("-m", "robustft", "fit", str(config_file)),
+    ]
+    assert torchrun_command(config_file, 4, resume=True)[-1] == "--resume"
+
+
+@pytest.mark.slow
+def test_a_job_with_two_processes_trains_under_torchrun_on_the_cpu(tmp_path, capfd):
+    """The job callable submitit runs, with 2 processes per job: 2 gloo ranks on the CPU, the 1-process weights."""
+    plans = {plan.method: plan for plan in planned_runs(tmp_path, "train.steps=6")}
+    job = SubmititLauncher(ClusterOptions("local", gpus_per_job=2)).comparison_tasks([plans["finetune"]])[0].job
+    environment = job_environment()
+    previous = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ.update({key: environment[key] for key in previous})
+    try:
+        results, status, error = job()
+    finally:
+        for key, value in previous.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert (status, error) == ("fitted", None) and "finetune" in results["methods"]
+    assert "--nproc_per_node=2" in capfd.readouterr().out
+    one_process = plans["finetune"].config.model_copy(update={"output_dir": tmp_path / "one_process"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(one_process, log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    got = load_state_dict_file(plans["finetune"].run_dir / FINAL_CHECKPOINT)
+    expected = load_state_dict_file(one_process.run_dir / FINAL_CHECKPOINT)
+    assert max((got[key] - expected[key]).abs().max().item() for key in expected) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_comparison_on_the_built_in_benchmark_survives_a_preemption_and_a_kill(tmp_path):
+    """The scenario above on digits-shift: every job generates (or reads from the data cache) the benchmark."""
+    launched = launch(tmp_path / "launch", built_in=True)
+    test_every_run_is_one_job_and_the_leaderboard_has_every_method_and_seed(launched)
+    test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_weights(launched, tmp_path / "preempted")
+    test_a_killed_job_is_resubmitted_and_resumes_to_the_uninterrupted_results(launched, tmp_path / "killed")
+    test_the_same_command_again_submits_nothing_and_gives_the_same_leaderboard(launched)

@@ -140,8 +140,10 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
     checkpoint_every: PositiveInt = 200
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="several processes: ddp replicates the model, fsdp shards it (docs/distributed.md)"
+    strategy: Literal["ddp", "fsdp", "allreduce"] = Field(
+        "ddp",
+        description="several processes: ddp replicates the model (torch DDP), fsdp shards it, allreduce replicates "
+        "it and averages the gradients after the backward (docs/distributed.md)",
     )
     log_every: PositiveInt = 10
     stop_after: PositiveInt | None = Field(None, description="stop after this many steps (resumable)")

@@ -3,11 +3,12 @@
 ``torchrun --nproc_per_node N -m robustft fit CONFIG`` starts N copies of the same run; each reads
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` from its environment and
 joins one process group (NCCL on GPUs, gloo on CPUs). Every rank holds the whole model. The engine
-splits each *global* batch of ``data.batch_size`` samples into contiguous per-rank slices and, after
-the backward passes of one optimiser step, averages the gradients over the ranks with one
-``all_reduce`` per bucket, so every rank takes the same optimiser step on the same weights, which is
-what ``DistributedDataParallel`` computes (see docs/distributed.md for why the engine reduces the
-gradients itself instead of wrapping the model).
+splits each *global* batch of ``data.batch_size`` samples into contiguous per-rank slices, and torch's
+``DistributedDataParallel``, wrapped around the method's loss (:class:`MethodLoss`, so a loss may call
+the model however it likes), averages the gradients bucket by bucket during the backward; every rank
+then takes the same optimiser step on the same weights. ``train.strategy=allreduce`` averages them
+after the backward instead (``all_reduce_mean_``), and ``fsdp`` shards the model (:class:`ShardedModel`);
+docs/distributed.md says which method takes which path.
 
 Every helper here is a no-op (or the identity) in a single process, so methods may call them freely:
 ``is_main_process``, ``rank``, ``world_size``, ``barrier``, ``broadcast_object``, ``broadcast_module``,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -267,6 +269,91 @@ def gather_shards(tensor: Tensor) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(gathered, padded)
     return torch.cat([part[: shape[0]] for part, shape in zip(gathered, shapes, strict=True)]).cpu()
+
+
+# ---------------------------------------------------------------------------- gradient averaging
+
+# Methods that keep the hand-written all-reduce under ``train.strategy=ddp``, and why torch's DDP cannot serve
+# them. Every training method runs under DDP today (2-process gloo runs equal 1-process runs, tests/test_ddp.py).
+ALLREDUCE_METHODS: dict[str, str] = {}
+# Methods whose loss may leave some trainable parameters without a gradient in a step: DDP must look for them
+# (``find_unused_parameters=True``), or the reducer waits for gradients that never come.
+UNUSED_PARAMETER_METHODS = {
+    "mixture_of_adapters": "top-k routing leaves the experts no token chose without a gradient",
+}
+
+
+def _no_buffer_sync(ddp_class: type) -> dict[str, bool]:
+    """DDP's keyword for "do not broadcast buffers before every forward" (renamed in newer torch releases)."""
+    import inspect
+
+    keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters else None
+    return {keyword or "broadcast_buffers": False}
+
+
+class MethodLoss(nn.Module):
+    """A method's loss as one module's ``forward``, so torch's DDP can wrap it whatever the loss calls.
+
+    DDP synchronises the gradients of the parameters its module's forward used; wrapping the loss instead of
+    the model lets a method call ``model.features``, a frozen teacher, the text tower or several forwards in
+    one loss, and still get DDP's bucketed all-reduce launched from the backward as each bucket fills.
+    """
+
+    def __init__(self, method: Any, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method  # a plain object, not a submodule: its parameters are the model's
+
+    def forward(self, images: Tensor, labels: Tensor, step: int) -> tuple[Tensor, dict[str, Any]]:
+        return self.method.loss(self.model, (images, labels), step)
+
+
+def gradient_path(method: str, strategy: str, processes: int) -> str:
+    """``none`` (one process), ``allreduce`` (asked for, or a method DDP cannot serve) or ``ddp``."""
+    if processes <= 1:
+        return "none"
+    return "allreduce" if strategy == "allreduce" or method in ALLREDUCE_METHODS else "ddp"
+
+
+class GradientSync:
+    """How the gradients of one optimiser step are averaged over the ranks under ``train.strategy=ddp``.
+
+    ``ddp``: the method's loss runs inside ``torch.nn.parallel.DistributedDataParallel`` (:class:`MethodLoss`),
+    which all-reduces each gradient bucket while the rest of the backward runs; with gradient accumulation the
+    micro-batches before the last run under ``no_sync``, so one exchange per optimiser step, as before.
+    ``allreduce``: the hand-written bucketed all-reduce after the backward (``all_reduce_mean_``), for the
+    methods in ``ALLREDUCE_METHODS`` or when asked for (``train.strategy=allreduce``). ``none``: one process.
+    """
+
+    def __init__(self, method: Any, model: nn.Module, device: torch.device, strategy: str = "ddp") -> None:
+        self.wrapped: nn.Module | None = None
+        self.mode = gradient_path(method.name, strategy, world_size())
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapped = DistributedDataParallel(
+                MethodLoss(method, model),
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=method.name in UNUSED_PARAMETER_METHODS,
+                **_no_buffer_sync(DistributedDataParallel),  # buffers are broadcast once before training
+            )
+        self.method = method
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """True when DDP has averaged the gradients by the end of the backward (the engine must not again)."""
+        return self.mode == "ddp"
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], step: int) -> tuple[Tensor, dict[str, Any]]:
+        if self.wrapped is None:
+            return self.method.loss(model, batch, step)
+        return self.wrapped(*batch, step)
+
+    def micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward: DDP's ``no_sync`` except on the step's last."""
+        if self.wrapped is None or last:
+            return nullcontext()
+        return self.wrapped.no_sync()
 
 
 # ------------------------------------------------------------------------------------------ FSDP2

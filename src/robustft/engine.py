@@ -144,6 +144,10 @@ class Engine:
         main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
         session = self.start(method, model, iter(()), ctx.device, total, groups=groups, bind=False)
+        if sharded is None:  # torch's DDP around the method's loss, or the hand-written all-reduce
+            session.gradient_sync = distributed.GradientSync(method, model, ctx.device, self.train.strategy)
+            if session.gradient_sync.mode != "none":
+                ctx.log(f"gradients averaged over {distributed.world_size()} processes by {session.gradient_sync.mode}")
         session.reduce_gradients = sharded is None or not sharded.is_sharded  # FSDP reduces its own gradients
         optimizer, scheduler = session.optimizer, session.scheduler
         state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
@@ -238,28 +242,35 @@ class Engine:
         sections = {"train": self.train.model_dump(mode="json"), "optim": self.optim.model_dump(mode="json")}
         return flat_params(sections) | {"data.batch_size": self.batch_size}
 
-    def _step(self, method, model, optimizer, batches, device, step: int, reduce: bool = True) -> dict[str, float]:
+    def _step(
+        self, method, model, optimizer, batches, device, step: int, reduce: bool = True, sync=None
+    ) -> dict[str, float]:
         """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""
         try:
-            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce)
+            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce, sync)
         except torch.cuda.OutOfMemoryError:
             processes = distributed.world_size()
             advice = out_of_memory_advice(self.batch_size, self.train.grad_accumulation, device, processes)
             raise OutOfMemoryError(advice) from None
 
-    def _optimizer_step(self, method, model, optimizer, batches, device, step: int, reduce=True) -> dict[str, float]:
+    def _optimizer_step(
+        self, method, model, optimizer, batches, device, step: int, reduce=True, sync=None
+    ) -> dict[str, float]:
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
-        for _ in range(accumulation):
+        loss_of = sync.loss if sync is not None else method.loss  # DDP's forward, or the method's loss itself
+        for index in range(accumulation):
             images, labels, weight = next(batches)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with self.autocast(device):
-                loss, logs = method.loss(model, (images, labels), step)
-            if weight != 1.0:  # this rank's share of an unevenly split global batch (distributed only)
-                loss = loss * weight
-            (loss / accumulation).backward()
+            with sync.micro_batch(last=index == accumulation - 1) if sync is not None else nullcontext():
+                with self.autocast(device):
+                    loss, logs = loss_of(model, (images, labels), step)
+                if weight != 1.0:  # this rank's share of an unevenly split global batch (distributed only)
+                    loss = loss * weight
+                (loss / accumulation).backward()
             total_loss += loss.detach().float() / accumulation
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        reduce = reduce and not (sync is not None and sync.reduces_in_backward)  # DDP averaged them in the backward
         loss_value, logs = _reduce_over_ranks(total_loss, logs, params, reduce)  # one sync per optimiser step
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value}")
@@ -289,6 +300,8 @@ class TrainingSession:
     step_index: int = 0
     reduce_gradients: bool = True
     """All-reduce the gradients over ranks after the backward (off when FSDP reduce-scatters them itself)."""
+    gradient_sync: distributed.GradientSync | None = None
+    """Across processes under ``train.strategy`` ddp / allreduce: DDP around the loss, or the all-reduce after it."""
 
     def step(self) -> dict[str, float]:
         """One whole optimiser step as ``Engine.fit`` runs it: ``loss`` over ``grad_accumulation`` batches
@@ -296,7 +309,14 @@ class TrainingSession:
         ``after_step``. Returns the step's logs (``loss`` and the method's own)."""
         engine, method, model = self.engine, self.method, self.model
         logs = engine._step(
-            method, model, self.optimizer, self.batches, self.device, self.step_index, self.reduce_gradients
+            method,
+            model,
+            self.optimizer,
+            self.batches,
+            self.device,
+            self.step_index,
+            self.reduce_gradients,
+            self.gradient_sync,
         )
         self.scheduler.step()
         method.after_step(model, self.step_index)

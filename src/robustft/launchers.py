@@ -196,8 +196,7 @@ def _run_under_torchrun(
         config_file = run_dir.parent / f".{run_dir.name}.job_config.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(_fit_config(plan.config), sort_keys=False))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-        command += ["-m", "robustft", "fit", str(config_file), *(["--resume"] if action == "resume" else [])]
+        command = torchrun_command(config_file, gpus, resume=action == "resume")
         log(" ".join(command))
         if subprocess.call(command) != 0:
             raise RuntimeError(f"{run_dir}: torchrun exited non-zero (see this job's log)")
@@ -205,6 +204,17 @@ def _run_under_torchrun(
     if plan.kind != "ingredient":
         _SeedRunner(plan.config, None, log).costs(plan)
     return results, "reused" if action == "reuse" else "fitted", None
+
+
+def torchrun_command(config_file: Path, processes: int, resume: bool = False) -> list[str]:
+    """What a job with ``processes`` GPUs runs: ``robustft fit`` under ``torchrun --standalone`` on its node.
+
+    submitit starts one task per node (``tasks_per_node=1``); torchrun starts one rank per GPU in it, so the
+    ranks find each other on the node without SLURM's ``srun`` wiring (NCCL on GPUs, gloo with
+    ``train.device: cpu``).
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [*command, "-m", "robustft", "fit", str(config_file), *(["--resume"] if resume else [])]
 
 
 def _fit_config(config: Any) -> dict[str, Any]:

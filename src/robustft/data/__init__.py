@@ -84,8 +84,10 @@ def _load_configured_splits(config: DataConfig, data_config: dict[str, Any]) -> 
         return load_domain_splits(config, data_config)
     if config.benchmark == "digits_shift":
         from robustft.data import digits_shift
+        from robustft.data.generated_cache import cached_tensors
 
-        raw = digits_shift.build_splits()
+        packages = ("scikit-learn", "matplotlib", "pillow")  # the scans, the fonts, their rendering
+        raw = cached_tensors(digits_shift.build_splits, packages)()  # generated once per version of them
         splits = {name: TensorSplit(x, y, data_config, name) for name, (x, y) in raw.items()}
         return splits, list(digits_shift.CLASS_NAMES)
     from robustft.data.folders import load_image_splits
