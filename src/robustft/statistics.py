@@ -15,8 +15,9 @@ apart may differ by chance. Every run keeps, per evaluated split, the predicted 
 
 ``RESAMPLES`` = 1000 resamples from a fixed generator per split (``BOOTSTRAP_SEED`` and the split's name), so
 the same predictions always give the same interval, and two methods scored on one split share their resamples.
-All resamples are drawn and scored as whole arrays, in blocks of at most ``BLOCK_ELEMENTS`` counts to bound
-memory on large splits. Accuracies are in percent, as everywhere in the results files.
+All resamples are drawn and scored as whole arrays (a multinomial draw over the images' patterns of right and
+wrong, :func:`resampled_accuracy`), in blocks of at most ``BLOCK_ELEMENTS`` counts to bound memory.
+Accuracies are in percent, as everywhere in the results files.
 """
 
 from __future__ import annotations
@@ -132,21 +133,22 @@ def resampled_accuracy(
     """Each ``[seeds, images]`` correctness tensor's accuracy (%) in every resample of ``split``: ``[resamples]``.
 
     All tensors share the resamples (the same images, the same ``seed_weights``): that is what pairs them.
-    NumPy rather than torch: these are many small products, where torch's intra-op threads only add overhead.
+    Drawing the images with replacement is one multinomial draw over the images; images with the same pattern
+    of right and wrong across every seed and tensor are interchangeable, so they are merged into one category
+    first: a resample costs the number of patterns (at most 2^rows, at most the images), not the images.
     """
-    tables = [table.detach().cpu().numpy().astype(np.float64) for table in correct]
-    images = tables[0].shape[1]
+    rows = np.concatenate([table.detach().cpu().numpy().astype(bool) for table in correct])  # [rows, images]
+    images = rows.shape[1]
+    patterns, counts = np.unique(rows.T, axis=0, return_counts=True)  # [patterns, rows], [patterns]
     generator = _generator(split, "images")
-    block = max(1, BLOCK_ELEMENTS // max(images, 1))
-    parts: list[list[np.ndarray]] = [[] for _ in tables]
+    block = max(1, BLOCK_ELEMENTS // len(counts))
+    per_row = []
     for start in range(0, resamples, block):  # blocks of resamples, each drawn and scored as one array
-        size = min(block, resamples - start)
-        counts = _resample_counts(images, size, generator)
-        weights = seed_weights[start : start + size]
-        for part, table in zip(parts, tables, strict=True):
-            per_seed = counts @ table.T / images  # [size, seeds]
-            part.append((per_seed * weights).sum(1) * 100)
-    return [np.concatenate(part) for part in parts]
+        draws = generator.multinomial(images, counts / images, size=min(block, resamples - start))
+        per_row.append(draws @ patterns.astype(np.float64) / images)
+    accuracy = np.concatenate(per_row) * 100  # [resamples, rows]
+    bounds = np.cumsum([0, *(table.shape[0] for table in correct)])
+    return [(accuracy[:, lo:hi] * seed_weights).sum(1) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:

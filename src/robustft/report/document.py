@@ -72,6 +72,9 @@ HOW_TO_READ = (
             "**Eff. robustness** is OOD accuracy above the zero-shot / fine-tune trade-off line, fitted in logit\n"
             "  space (Taori et al., 2020), in percentage points. Zero-shot and fine-tune sit on the line (0) by\n"
             "  construction; a positive value means a method keeps more robustness than its ID accuracy predicts.",
+            "**[lo, hi]** after an accuracy is its 95% bootstrap confidence interval over the test images (and the\n"
+            "  seeds, with several); **▲ft** / **▲wise** mark a method significantly above `finetune` / `wise_ft` on\n"
+            "  the same images (paired bootstrap). Overlapping intervals do not mean no difference: the marks test it.",
             'All numbers are percentages; "-" means the method was not evaluated on that split.',
         )
     ),
