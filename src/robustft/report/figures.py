@@ -80,7 +80,8 @@ def _axis_range(values: np.ndarray, pad_fraction: float = 0.08) -> tuple[float, 
 
 
 def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], path: Path) -> Path:
-    """ID accuracy against OOD average, mean over seeds with one-std error bars in both directions.
+    """ID accuracy against OOD average, mean over seeds with error bars in both directions: the 95% bootstrap
+    interval where the leaderboard has one (``ci``), else one standard deviation over seeds.
 
     The dark curve is the zero-shot / fine-tune trade-off line of Taori et al. (2020): straight in logit
     space through the two reference methods, so curved in accuracy space; a method above it has positive
@@ -110,8 +111,8 @@ def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], p
         axes.errorbar(
             x,
             y,
-            xerr=_std(entry["id"]),
-            yerr=_std(entry["ood_avg"]),
+            xerr=error_bar(x, entry, "id", _std(entry["id"])),
+            yerr=error_bar(y, entry, "ood_avg", _std(entry["ood_avg"])),
             fmt=MARKERS.get(entry.get("kind"), "o"),
             color=colors[name],
             markersize=7,
@@ -129,11 +130,20 @@ def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], p
         )
     axes.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
     seeds = len(leaderboard.get("seeds") or [])
-    axes.set_title(f"{leaderboard.get('benchmark', '')}: ID vs OOD (mean ± std over {seeds} seed(s))")
+    bars = "95% CI" if any("ci" in methods[name] for name in names) else "± std"
+    axes.set_title(f"{leaderboard.get('benchmark', '')}: ID vs OOD (mean, {bars}, {seeds} seed(s))")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower left", fontsize=7)
     place_labels(figure, axes, names, xs, ys)
     return _save(figure, path)
+
+
+def error_bar(centre: float, entry: Mapping[str, Any], key: str, fallback: float) -> Any:
+    """``[[below], [above]]`` of the entry's 95% interval of ``key`` around ``centre``, else ``fallback`` (a std)."""
+    bounds = (entry.get("ci") or {}).get(key)
+    if not isinstance(bounds, Sequence) or len(bounds) != 2:
+        return fallback
+    return [[max(0.0, centre - float(bounds[0]))], [max(0.0, float(bounds[1]) - centre)]]
 
 
 def reference_line(leaderboard: Leaderboard) -> tuple[float, float] | None:
@@ -399,7 +409,8 @@ def plot_id_vs_ood(results: Mapping[str, Any], path: Path) -> Path:
 
     The curve is the zero-shot / fine-tune trade-off line (straight in logit space, so curved here);
     points above it have positive effective robustness. The dashed diagonal is OOD = ID: the distance
-    below it is how much the distribution shift costs. Also writes an SVG with the same stem.
+    below it is how much the distribution shift costs. Bars are the 95% intervals (``ci``) where the
+    entries have them. Also writes an SVG with the same stem.
     """
     return _save(id_vs_ood_figure(results), path)
 
@@ -430,6 +441,11 @@ def id_vs_ood_figure(results: Mapping[str, Any]) -> Figure:
             label="zero-shot / fine-tune trade-off (logit fit)",
         )
     axes.scatter(xs, ys, zorder=3, color="C0", s=RUN_MARKER_SIZE**2)
+    for name, x, y in zip(names, xs, ys, strict=True):
+        entry = methods[name]
+        if "ci" in entry:
+            bars = {"xerr": error_bar(x, entry, "id", 0.0), "yerr": error_bar(y, entry, "ood_avg", 0.0)}
+            axes.errorbar([x], [y], **bars, fmt="none", ecolor="C0", elinewidth=0.8, capsize=2, alpha=0.6, zorder=2)
     axes.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
     axes.set_title(f"{results.get('benchmark', '')}: ID vs OOD accuracy")
     axes.grid(True, alpha=0.3)
