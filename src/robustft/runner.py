@@ -186,15 +186,19 @@ def fit(
         entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
-            save_predictions(run_dir / PREDICTIONS_FILE, predictions)
-            write_results(run_dir, results, log)
+            write_results(run_dir, results, log, predictions)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 
 
-def write_results(run_dir: Path, results: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Write results.json atomically; if that fails, the results go to the log first, so an evaluation is never lost."""
+def write_results(
+    run_dir: Path, results: dict[str, Any], log: Callable[[str], None], predictions: dict[str, Any] | None = None
+) -> None:
+    """Write the per-image ``predictions`` (``robustft.statistics``), then results.json, atomically; if either
+    fails, the results go to the log first, so an evaluation is never lost."""
     try:
+        if predictions is not None:
+            save_predictions(run_dir / PREDICTIONS_FILE, predictions)
         atomic_write_json(run_dir / RESULTS_FILE, results)
     except RobustftError:
         log(f"not saved, the results were: {json.dumps(results)}")
@@ -368,6 +372,5 @@ def _evaluate_locked(
         entry = {**saved.get(name, {}), **entry}
     results = results_document(prepared.benchmark, config.seed, {name: entry | declared_by(method)})
     if main:
-        save_predictions(run_dir / PREDICTIONS_FILE, predictions)
-        write_results(run_dir, results, log)
+        write_results(run_dir, results, log, predictions)
     return results
