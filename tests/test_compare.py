@@ -247,6 +247,8 @@ def test_leaderboard_carries_intervals_and_paired_tests_from_the_runs_prediction
     assert leaderboard["statistics"]["resamples"] == 1000
     markdown = (out / "leaderboard.md").read_text()
     assert "▲ft" in markdown and "[" in markdown  # the legend names the marks; cells show [lo, hi]
-    report = write_report(load_results([out / "seed0"]), out / "one_seed_report")
+    merged = load_results([out / "seed0"])  # `robustft report` over one seed's run directories
+    assert set(merged["methods"]["vrf"]["significance"]) == {"finetune", "wise_ft"}
+    report = write_report(merged, out / "one_seed_report")
     for text in (report.read_text(), (out / "one_seed_report" / "report.html").read_text()):
         assert "± 0.00" not in text and "95% percentile bootstrap" in text

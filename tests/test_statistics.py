@@ -131,3 +131,39 @@ def test_unreadable_predictions_name_the_file(tmp_path) -> None:
     path.write_bytes(b"not safetensors")
     with pytest.raises(DataError, match=PREDICTIONS_FILE):
         load_predictions(path)
+
+
+def _run(root, name: str, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+    """A run directory as `robustft fit` leaves it: results.json (with its intervals) and the predictions."""
+    import json
+
+    from robustft.runner import confidence_intervals
+
+    predictions = {"id_test": (predicted, labels), "ood_x": (predicted.flip(0), labels.flip(0))}
+    accuracy = float((predicted == labels).double().mean() * 100)
+    entry = {"id": accuracy, "ood": {"ood_x": accuracy}, "ood_avg": accuracy} | confidence_intervals(predictions)
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps({"benchmark": "b", "seed": 0, "methods": {name: entry}}))
+    save_predictions(root / name / PREDICTIONS_FILE, predictions)
+
+
+def test_report_of_one_seed_shows_intervals_and_marks_never_plus_minus_zero(tmp_path) -> None:
+    from robustft.report import load_results, results_table, write_report
+
+    labels = torch.randint(0, 10, (400,), generator=torch.Generator().manual_seed(7))
+    wrong = (labels + 1) % 10
+    for name, (first, last) in (("finetune", (0, 80)), ("wise_ft", (40, 118)), ("better", (0, 30))):
+        errors = torch.zeros(400, dtype=torch.bool)
+        errors[first:last] = True
+        _run(tmp_path / "runs", name, torch.where(errors, wrong, labels), labels)
+    results = load_results([tmp_path / "runs"])
+    assert results["methods"]["better"]["significance"]["finetune"]["id"]["above"]
+    wise = results["methods"]["wise_ft"]["significance"]["finetune"]["id"]  # 40 fixed, 38 broken: noise
+    assert wise["difference"] == pytest.approx(0.5) and not wise["above"] and not wise["below"]
+    rows = {row[0]: row for row in results_table(results).rows}
+    assert rows["better"][1].startswith("92.50 [") and rows["better"][1].endswith("▲ft▲wise")
+    assert "▲" not in rows["wise_ft"][1]
+    report = write_report(results, tmp_path / "report")
+    for text in (report.read_text(encoding="utf-8"), (tmp_path / "report" / "report.html").read_text("utf-8")):
+        assert "± 0.00" not in text and "±" not in text.split("How to read this")[0]
+        assert "▲ft" in text and "95% percentile bootstrap" in text and "How to read this" in text

@@ -89,7 +89,8 @@ FIGURE_NAME = "id_vs_ood.png"
 INTERVAL_NOTE = (
     "[lo, hi]: 95% percentile bootstrap confidence interval over the test images of the run (1000 resamples); "
     "OOD avg's interval resamples every OOD split. Two methods whose intervals overlap may still differ "
-    "significantly: a paired test on the same images (`robustft compare`'s marks) is the sharper check."
+    "significantly: a paired test on the same images (the marks, where the runs kept their predictions) is the "
+    "sharper check."
 )
 ECE_NOTE = "ECE: expected calibration error in percentage points; lower is better."
 
@@ -109,6 +110,9 @@ def run_report(results: Mapping[str, Any], out_dir: Path, title: str | None = No
     ]
     if any("ci" in entry for entry in results["methods"].values()):
         blocks.append(Paragraph(INTERVAL_NOTE))
+    legend = marks_legend(results["methods"])
+    if legend:
+        blocks.append(Paragraph(legend))
     f1 = macro_f1_table(results)
     if f1 is not None:
         blocks += [Heading("Macro-F1 per split"), TableBlock(f1)]
