@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from robustft.errors import DataError
@@ -63,7 +63,8 @@ def save_predictions(path: Path, predictions: Mapping[str, tuple[Tensor, Tensor]
         dtype = torch.int16 if largest <= _INT16_MAX else torch.int32
         tensors[f"{split}/predicted"] = predicted.detach().to("cpu", dtype).contiguous()
         tensors[f"{split}/label"] = labels.detach().to("cpu", dtype).contiguous()
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "robustft-predictions"}))
+    data = save(tensors, metadata={"format": "robustft-predictions"})  # bytes: the file gets the umask's mode
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), size_hint=len(data))
 
 
 def load_predictions(path: Path) -> dict[str, tuple[Tensor, Tensor]]:
