@@ -140,6 +140,8 @@ def resampled_accuracy(
     """
     rows = np.concatenate([table.detach().cpu().numpy().astype(bool) for table in correct])  # [rows, images]
     images = rows.shape[1]
+    if images == 0:  # an empty split has no accuracy to resample
+        return [np.full(resamples, np.nan) for _ in correct]
     patterns, counts = np.unique(rows.T, axis=0, return_counts=True)  # [patterns, rows], [patterns]
     generator = _generator(split, "images")
     block = max(1, BLOCK_ELEMENTS // len(counts))
@@ -175,7 +177,7 @@ def accuracy_intervals(correct: Correct, resamples: int = RESAMPLES) -> dict[str
     """
     seeds = next(iter(correct.values())).shape[0] if correct else 1
     weights = _seed_weights(seeds, resamples)
-    scored = [split for split in correct if split == ID_SPLIT or split.startswith("ood_")]
+    scored = [s for s in correct if (s == ID_SPLIT or s.startswith("ood_")) and correct[s].shape[1] > 0]
     samples = {split: resampled_accuracy([correct[split]], split, weights, resamples)[0] for split in scored}
     intervals: dict[str, Any] = {}
     if ID_SPLIT in samples:
