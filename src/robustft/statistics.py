@@ -177,7 +177,8 @@ def accuracy_intervals(correct: Correct, resamples: int = RESAMPLES) -> dict[str
     """
     seeds = next(iter(correct.values())).shape[0] if correct else 1
     weights = _seed_weights(seeds, resamples)
-    scored = [s for s in correct if (s == ID_SPLIT or s.startswith("ood_")) and correct[s].shape[1] > 0]
+    reported = [split for split in correct if split == ID_SPLIT or split.startswith("ood_")]
+    scored = [split for split in reported if correct[split].shape[1] > 0]
     samples = {split: resampled_accuracy([correct[split]], split, weights, resamples)[0] for split in scored}
     intervals: dict[str, Any] = {}
     if ID_SPLIT in samples:
