@@ -41,6 +41,7 @@ def test_fit_evaluate_report_and_methods(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     again = json.loads((tmp_path / "lp" / "results.json").read_text())["methods"]["linear_probe"]
     assert again["id"] == first["id"] and again["ood"] == first["ood"]
+    assert again["ci"] == first["ci"] and (tmp_path / "lp" / "predictions.safetensors").is_file()  # reproducible
     reported = runner.invoke(app, ["report", str(tmp_path / "lp"), "--out", str(tmp_path / "rep")])
     assert reported.exit_code == 0, reported.output
     assert (tmp_path / "rep" / "report.md").is_file()

@@ -222,3 +222,33 @@ def test_pairs_run_a_posthoc_method_over_another_methods_run(tmp_path, small):
     fits, comparison = run(tmp_path / "pairs", small, methods=["mixout+wise_ft"], seeds=[0])
     assert {"zeroshot", "finetune", "mixout", "mixout+wise_ft"} <= set(comparison.leaderboard["methods"])
     assert comparison.leaderboard["methods"]["mixout+wise_ft"]["kind"] == "posthoc"
+
+
+def test_leaderboard_carries_intervals_and_paired_tests_from_the_runs_predictions(first):
+    from robustft.report import load_results, write_report
+    from robustft.statistics import PREDICTIONS_FILE, correctness, load_predictions, paired_test, run_correctness
+
+    out, _, _ = first
+    leaderboard = json.loads((out / "leaderboard.json").read_text())
+    rows = leaderboard["methods"]
+    for method in METHODS:
+        run = out / "seed0" / method
+        entry = json.loads((run / "results.json").read_text())["methods"][method]
+        correct = correctness(load_predictions(run / PREDICTIONS_FILE))
+        assert correct["id_test"].double().mean().item() * 100 == pytest.approx(entry["id"])
+        lo, hi = entry["ci"]["id"]
+        assert lo <= entry["id"] <= hi and hi > lo  # one run, 32 images: a real interval
+        lo, hi = rows[method]["ci"]["ood_avg"]
+        assert lo <= rows[method]["ood_avg"]["mean"] <= hi
+    assert set(rows["vrf"]["significance"]) == {"finetune", "wise_ft"}
+    assert "finetune" not in rows["finetune"].get("significance", {})
+    expected = paired_test(run_correctness(rows["vrf"]["runs"]), run_correctness(rows["finetune"]["runs"]))
+    assert rows["vrf"]["significance"]["finetune"] == expected
+    assert leaderboard["statistics"]["resamples"] == 1000
+    markdown = (out / "leaderboard.md").read_text()
+    assert "▲ft" in markdown and "[" in markdown  # the legend names the marks; cells show [lo, hi]
+    merged = load_results([out / "seed0"])  # `robustft report` over one seed's run directories
+    assert set(merged["methods"]["vrf"]["significance"]) == {"finetune", "wise_ft"}
+    report = write_report(merged, out / "one_seed_report")
+    for text in (report.read_text(), (out / "one_seed_report" / "report.html").read_text()):
+        assert "± 0.00" not in text and "95% percentile bootstrap" in text

@@ -191,7 +191,7 @@ def test_unreadable_run_files_name_the_file(tmp_path: Path) -> None:
         read_losses([tmp_path])
 
 
-def test_labels_of_crowded_points_do_not_overlap() -> None:
+def test_labels_of_crowded_points_overlap_no_label_and_no_marker() -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -205,6 +205,13 @@ def test_labels_of_crowded_points_do_not_overlap() -> None:
     boxes = [text.get_window_extent(renderer) for text in axes.texts]
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    radius = 7 / 2 * figure.dpi / 72  # place_labels' default markersize, 7 points
+    centres = axes.transData.transform(np.column_stack([xs, ys]))
+    assert not any(
+        box.x0 < x + radius and box.x1 > x - radius and box.y0 < y + radius and box.y1 > y - radius
+        for box in boxes
+        for x, y in centres
+    )
 
 
 def _browser() -> str | None:
@@ -220,3 +227,35 @@ def test_report_html_renders_every_row_in_headless_chromium(tmp_path: Path) -> N
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     for name in METHODS:
         assert f'id="{row_id(name)}"' in dom
+
+
+def _marker_boxes_of(axes) -> list:
+    """The drawn markers' display boxes, read from the artists (scatter sizes are areas in points²)."""
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for collection in axes.collections:
+        radius = np.sqrt(collection.get_sizes()[0]) / 2 * axes.figure.dpi / 72
+        for x, y in collection.get_offset_transform().transform(collection.get_offsets()):
+            boxes.append(Bbox.from_extents(x - radius, y - radius, x + radius, y + radius))
+    return boxes
+
+
+def test_run_report_labels_overlap_no_point_and_no_other_label() -> None:
+    from robustft.report.figures import id_vs_ood_figure
+
+    crowded = {"zeroshot": (70.0, 60.0), "finetune": (90.0, 52.0), "lp_ft": (89.6, 52.3), "l2_sp": (89.8, 52.1)}
+    crowded |= {"wise_ft": (89.4, 52.5), "flyp": (89.9, 51.8), "lora": (70.3, 59.8)}
+    results = {"benchmark": "b", "methods": {n: {"id": i, "ood": {"ood_a": o}} for n, (i, o) in crowded.items()}}
+    figure = id_vs_ood_figure(results)
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    labels = [text for text in axes.texts if text.get_text() in crowded]
+    assert sorted(text.get_text() for text in labels) == sorted(crowded)
+    boxes = [text.get_window_extent(renderer) for text in labels]
+    markers = _marker_boxes_of(axes)
+    assert len(markers) == len(crowded)
+    assert not any(box.overlaps(marker) for box in boxes for marker in markers)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    frame = axes.get_window_extent(renderer)
+    assert all(frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) for box in boxes)

@@ -73,6 +73,8 @@ from robustft.robustness import add_effective_robustness, ood_average
 from robustft.run_directory import config_differences
 from robustft.runner import RESULTS_FILE, Prepared, fit, prepare_run, resolved_config
 from robustft.safe_io import read_json_object, read_yaml_mapping
+from robustft.statistics import leaderboard_statistics
+from robustft.statistics import settings as statistics_settings
 from robustft.sweep import point_name
 
 if TYPE_CHECKING:
@@ -557,12 +559,15 @@ def build_leaderboard(
         declared = leaderboard_declarations(entries)  # the report's extra sections and columns, by name
         row |= declared | {key: mean_std([entry.get(key) for entry in entries]) for key in declared["report_columns"]}
         methods[name] = row
+    for name, extra in leaderboard_statistics({name: row["runs"] for name, row in methods.items()}).items():
+        methods[name] |= extra  # 95% intervals and paired tests from each run's predictions.safetensors
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": benchmark,
         "seeds": seeds,
         "config": source,
         "reference": {"zero_shot": ZERO_SHOT, "finetuned": FINETUNED},
+        "statistics": statistics_settings(),
         "methods": methods,
     }
 

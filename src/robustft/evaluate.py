@@ -127,8 +127,12 @@ def evaluate_splits(
     batch_size: int = 256,
     num_workers: int = 0,
     temperature_scaling: bool = True,
+    predictions: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics for every split except ``train``.
+
+    A ``predictions`` dict is filled with each split's ``(predicted labels, labels)``: what confidence
+    intervals and paired tests resample (``robustft.statistics``).
 
     With ``temperature_scaling`` and an ``id_val`` split, one temperature is fitted on ``id_val``'s
     logits and labels alone (``calibration.fit_temperature``) before any other split is scored, and
@@ -146,6 +150,8 @@ def evaluate_splits(
             continue
         output = cached.pop(name, None) or predict_in_class_space(predictor, dataset, device, batch_size, num_workers)
         metrics[name] = split_metrics(*output, temperature=temperature) | declared_metrics(dataset, *output)
+        if predictions is not None:
+            predictions[name] = (output[0].argmax(1), output[1])
     return metrics
 
 

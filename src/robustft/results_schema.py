@@ -6,7 +6,9 @@ is what ``robustft compare`` writes: the same numbers as mean and standard devia
 adds ``schema_version`` and, per method entry, ``report_sections`` and ``report_columns``: the names of the
 extra report sections and table columns the method contributes (``robustft.report.sections``), so a report
 renders them from the file alone. A version 1 file is read by inferring those names once, here, from the keys
-the methods of that time wrote. A file from a newer robustft is refused with one line naming it.
+the methods of that time wrote. A file from a newer robustft is refused with one line naming it. The
+confidence intervals (``ci``) and paired tests (``significance``) are optional additions within version 2:
+files without them stay valid, and the reports show the plain numbers for them.
 
 The TypedDicts below are the documentation of every key (``docs/results.md`` is the same for users); readers
 check only what a report cannot do without, so files with extra keys (a method's own diagnostics) stay valid.
@@ -34,6 +36,24 @@ class Stat(TypedDict):
     std: float
 
 
+class Intervals(TypedDict, total=False):
+    """95% bootstrap confidence intervals ``[lo, hi]`` of accuracy (percent), ``robustft.statistics``."""
+
+    id: list[float]
+    ood: dict[str, list[float]]
+    ood_avg: list[float]
+
+
+class PairedTest(TypedDict):
+    """One method against one baseline on the same images and seeds (paired bootstrap)."""
+
+    difference: float  # mean accuracy of the method minus the baseline's, points
+    interval: list[float]  # its 95% interval
+    p_value: float  # one-sided: the method is not above the baseline
+    above: bool  # interval above 0: the leaderboard's mark
+    below: bool
+
+
 class ResultsEntry(TypedDict, total=False):
     """One method's results in ``results.json`` (accuracies and ECE in percent, NLL in nats).
 
@@ -58,6 +78,7 @@ class ResultsEntry(TypedDict, total=False):
     steps: int
     report_sections: list[str]  # e.g. ["alpha_curve"]; version 2
     report_columns: list[str]  # e.g. ["active_params"]; version 2
+    ci: Intervals  # over the run's test images; absent in files written before intervals existed
 
 
 class ResultsFile(TypedDict, total=False):
@@ -86,6 +107,8 @@ class LeaderboardEntry(TypedDict, total=False):
     runs: list[str]  # the run directory of each seed
     report_sections: list[str]  # version 2
     report_columns: list[str]  # version 2; each named column's value is a Stat under the same key
+    ci: Intervals  # over the seeds and the test images (hierarchical bootstrap); absent without predictions
+    significance: dict[str, dict[str, PairedTest]]  # {baseline: {"id": test, "ood_avg": test}}
 
 
 class Leaderboard(TypedDict, total=False):
@@ -96,6 +119,7 @@ class Leaderboard(TypedDict, total=False):
     seeds: list[int]
     config: str  # the run config the comparison started from
     reference: dict[str, str]  # {"zero_shot": method, "finetuned": method}: the trade-off line's two ends
+    statistics: dict[str, Any]  # how ci and significance were computed (robustft.statistics.settings)
     methods: dict[str, LeaderboardEntry]
 
 

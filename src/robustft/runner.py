@@ -44,6 +44,7 @@ from robustft.run_directory import (
 )
 from robustft.run_metadata import final_metadata
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
+from robustft.statistics import PREDICTIONS_FILE, accuracy_intervals, correctness, save_predictions, stack_seeds
 from robustft.tracking import flat_params, log_evaluation
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
@@ -172,29 +173,49 @@ def fit(
             metadata = final_metadata(predictor, ctx.model_spec, ctx.class_names, method.result_name)
             save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT, metadata)
         scaling = config.evaluate.temperature_scaling
+        predictions: dict[str, Any] = {}
         with eval_memory_advice(config, ctx.device):
             metrics = evaluate_splits(
-                predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers, temperature_scaling=scaling
+                predictor,
+                ctx.splits,
+                ctx.device,
+                ctx.eval_batch_size,
+                ctx.num_workers,
+                temperature_scaling=scaling,
+                predictions=predictions,
             )
-        entry = summarize(metrics)
+        entry = summarize(metrics) | confidence_intervals(predictions)
         entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
         entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
-            write_results(run_dir, results, log)
+            write_results(run_dir, results, log, predictions)
             params = flat_params(resolved_config(config))
             log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps, log)
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 
 
-def write_results(run_dir: Path, results: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Write results.json atomically; if that fails, the results go to the log first, so an evaluation is never lost."""
+def write_results(
+    run_dir: Path, results: dict[str, Any], log: Callable[[str], None], predictions: dict[str, Any] | None = None
+) -> None:
+    """Write the per-image ``predictions`` (``robustft.statistics``), then results.json, atomically; if either
+    fails, the results go to the log first, so an evaluation is never lost."""
     try:
+        if predictions is not None:
+            save_predictions(run_dir / PREDICTIONS_FILE, predictions)
         atomic_write_json(run_dir / RESULTS_FILE, results)
     except RobustftError:
         log(f"not saved, the results were: {json.dumps(results)}")
         raise
+
+
+def confidence_intervals(predictions: dict[str, Any]) -> dict[str, Any]:
+    """The results entry's ``ci``: 95% bootstrap intervals of ID, each OOD split and the OOD average
+    (``robustft.statistics.accuracy_intervals``), from the run's own predictions (one seed)."""
+    runs = [correctness(predictions)]
+    intervals = accuracy_intervals(stack_seeds(runs)) if predictions else {}
+    return {"ci": intervals} if intervals else {}
 
 
 def resolved_config(config: RunConfig) -> dict[str, Any]:
@@ -344,14 +365,17 @@ def _evaluate_locked(
     predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx
     scaling = config.evaluate.temperature_scaling
+    predictions: dict[str, Any] = {}
     with eval_memory_advice(config, ctx.device):
-        metrics = evaluate_splits(predictor, ctx.splits, ctx.device, ctx.eval_batch_size, temperature_scaling=scaling)
-    entry = summarize(metrics)
+        metrics = evaluate_splits(
+            predictor, ctx.splits, ctx.device, ctx.eval_batch_size, temperature_scaling=scaling, predictions=predictions
+        )
+    entry = summarize(metrics) | confidence_intervals(predictions)
     name = method.result_name
     if saved:
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"
         entry = {**saved.get(name, {}), **entry}
     results = results_document(prepared.benchmark, config.seed, {name: entry | declared_by(method)})
     if main:
-        write_results(run_dir, results, log)
+        write_results(run_dir, results, log, predictions)
     return results

@@ -22,6 +22,7 @@ from robustft.report.tables import (
     build_table,
     leaderboard_tables,
     macro_f1_table,
+    marks_legend,
     ood_mean,
     ordered_methods,
     results_table,
@@ -71,6 +72,9 @@ HOW_TO_READ = (
             "**Eff. robustness** is OOD accuracy above the zero-shot / fine-tune trade-off line, fitted in logit\n"
             "  space (Taori et al., 2020), in percentage points. Zero-shot and fine-tune sit on the line (0) by\n"
             "  construction; a positive value means a method keeps more robustness than its ID accuracy predicts.",
+            "**[lo, hi]** after an accuracy is its 95% bootstrap confidence interval over the test images (and the\n"
+            "  seeds, with several); **▲ft** / **▲wise** mark a method significantly above `finetune` / `wise_ft` on\n"
+            "  the same images (paired bootstrap). Overlapping intervals do not mean no difference: the marks test it.",
             'All numbers are percentages; "-" means the method was not evaluated on that split.',
         )
     ),
@@ -82,6 +86,12 @@ COMPARISON_FIGURES = {
     "training_curves": ("Training loss", "comparison_training_curves"),
 }
 FIGURE_NAME = "id_vs_ood.png"
+INTERVAL_NOTE = (
+    "[lo, hi]: 95% percentile bootstrap confidence interval over the test images of the run (1000 resamples); "
+    "OOD avg's interval resamples every OOD split. Two methods whose intervals overlap may still differ "
+    "significantly: a paired test on the same images (the marks, where the runs kept their predictions) is the "
+    "sharper check."
+)
 ECE_NOTE = "ECE: expected calibration error in percentage points; lower is better."
 
 
@@ -98,6 +108,11 @@ def run_report(results: Mapping[str, Any], out_dir: Path, title: str | None = No
         Heading("Accuracy (%)"),
         TableBlock(results_table(results), row_ids=True),
     ]
+    if any("ci" in entry for entry in results["methods"].values()):
+        blocks.append(Paragraph(INTERVAL_NOTE))
+    legend = marks_legend(results["methods"])
+    if legend:
+        blocks.append(Paragraph(legend))
     f1 = macro_f1_table(results)
     if f1 is not None:
         blocks += [Heading("Macro-F1 per split"), TableBlock(f1)]
@@ -155,6 +170,12 @@ def comparison_notes(leaderboard: Mapping[str, Any]) -> list[str]:
         notes = [f"Mean ± standard deviation over {len(seeds)} seed(s) ({listed}); accuracies in %."]
     else:
         notes = [f"One seed ({listed}): no spread over seeds to show; accuracies in %."]
+    if any("ci" in entry for entry in methods.values()):
+        over = "seeds and test images" if len(seeds) > 1 else "test images"
+        notes.append(f"An accuracy with an interval is `mean [lo, hi]`: its 95% bootstrap interval over {over}.")
+    legend = marks_legend(methods)
+    if legend:
+        notes.append(legend)
     if missing:
         notes.append(
             f"No zero-shot / fine-tune trade-off line: the reference {' and '.join(missing)} method is "

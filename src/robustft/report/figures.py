@@ -33,6 +33,7 @@ RUN_FIGSIZE = (6.0, 4.5)
 DPI = 150
 PIXELS = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 MARKERS = {"zeroshot": "*", "trained": "o", "posthoc": "D"}
+RUN_MARKER_SIZE = 6  # points: the run report's scatter and sweep markers, which its labels keep clear of
 
 Leaderboard = Mapping[str, Any]
 
@@ -79,7 +80,8 @@ def _axis_range(values: np.ndarray, pad_fraction: float = 0.08) -> tuple[float, 
 
 
 def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], path: Path) -> Path:
-    """ID accuracy against OOD average, mean over seeds with one-std error bars in both directions.
+    """ID accuracy against OOD average, mean over seeds with error bars in both directions: the 95% bootstrap
+    interval where the leaderboard has one (``ci``), else one standard deviation over seeds.
 
     The dark curve is the zero-shot / fine-tune trade-off line of Taori et al. (2020): straight in logit
     space through the two reference methods, so curved in accuracy space; a method above it has positive
@@ -109,8 +111,8 @@ def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], p
         axes.errorbar(
             x,
             y,
-            xerr=_std(entry["id"]),
-            yerr=_std(entry["ood_avg"]),
+            xerr=error_bar(x, entry, "id", _std(entry["id"])),
+            yerr=error_bar(y, entry, "ood_avg", _std(entry["ood_avg"])),
             fmt=MARKERS.get(entry.get("kind"), "o"),
             color=colors[name],
             markersize=7,
@@ -128,11 +130,20 @@ def plot_leaderboard_id_vs_ood(leaderboard: Leaderboard, order: Sequence[str], p
         )
     axes.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
     seeds = len(leaderboard.get("seeds") or [])
-    axes.set_title(f"{leaderboard.get('benchmark', '')}: ID vs OOD (mean ± std over {seeds} seed(s))")
+    bars = "95% CI" if any("ci" in methods[name] for name in names) else "± std"
+    axes.set_title(f"{leaderboard.get('benchmark', '')}: ID vs OOD (mean, {bars}, {seeds} seed(s))")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower left", fontsize=7)
     place_labels(figure, axes, names, xs, ys)
     return _save(figure, path)
+
+
+def error_bar(centre: float, entry: Mapping[str, Any], key: str, fallback: float) -> Any:
+    """``[[below], [above]]`` of the entry's 95% interval of ``key`` around ``centre``, else ``fallback`` (a std)."""
+    bounds = (entry.get("ci") or {}).get(key)
+    if not isinstance(bounds, Sequence) or len(bounds) != 2:
+        return fallback
+    return [[max(0.0, centre - float(bounds[0]))], [max(0.0, float(bounds[1]) - centre)]]
 
 
 def reference_line(leaderboard: Leaderboard) -> tuple[float, float] | None:
@@ -147,35 +158,70 @@ def reference_line(leaderboard: Leaderboard) -> tuple[float, float] | None:
     return tradeoff_line(points[0], points[1])
 
 
-def place_labels(figure: Figure, axes: Any, names: Sequence[str], xs: np.ndarray, ys: np.ndarray) -> None:
-    """Name every point, moving a label to the first of eight spots around its point that stays inside the
-    axes and overlaps no label already placed (greedy, measured on the rendered text), so crowded clusters
-    stay readable."""
+LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (0, 8), (0, -15), (8, -3), (-8, -3)]
+"""Where a label may sit around its point, in points; tried in order, then the same spots twice as far."""
+
+
+def marker_boxes(axes: Any, xs: np.ndarray, ys: np.ndarray, markersize: float) -> list[Any]:
+    """The display-space box of each point's marker (``markersize`` in points, as ``plot`` takes it)."""
+    from matplotlib.transforms import Bbox
+
+    radius = markersize / 2 * axes.figure.dpi / 72
+    centres = axes.transData.transform(np.column_stack([xs, ys]))
+    return [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in centres]
+
+
+def place_labels(
+    figure: Figure,
+    axes: Any,
+    names: Sequence[str],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    fontsize: float = 7,
+    markersize: float = 7,
+    **text: Any,
+) -> None:
+    """Name every point, moving a label to the first spot around its point that stays inside the axes and
+    overlaps no marker (its own included) and no label already placed (greedy, measured on the rendered text
+    against the drawn markers), so crowded clusters stay readable. A label with no free spot goes to the first
+    spot clear of every marker, else to the first spot."""
     figure.draw_without_rendering()  # lay out once, then freeze it so label boxes stay where they are measured
     figure.set_layout_engine("none")
     renderer = figure.canvas.get_renderer()
     frame = axes.get_window_extent(renderer)
-    offsets = [(5, 4), (5, -11), (-5, 4), (-5, -11), (0, 12), (0, -17), (12, -3), (-12, -3)]
+    markers = marker_boxes(axes, xs, ys, markersize)
+    offsets = [*LABEL_OFFSETS, *((2 * dx, 2 * dy) for dx, dy in LABEL_OFFSETS)]
     placed: list[Any] = []
     for name, x, y in zip(names, xs, ys, strict=True):
-        label = None
+        candidates = []
         for dx, dy in offsets:
             label = axes.annotate(
                 name,
                 (x, y),
                 xytext=(dx, dy),
                 textcoords="offset points",
-                fontsize=7,
+                fontsize=fontsize,
                 ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                **text,
             )
-            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            box = label.get_window_extent(renderer)
             inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
-            if inside and not any(box.overlaps(other) for other in placed):
-                break
+            clear = inside and not any(box.overlaps(marker) for marker in markers)
+            free = clear and not any(box.expanded(1.05, 1.1).overlaps(other) for other in placed)
+            candidates.append((not free, not clear, len(candidates)))
             label.remove()
-            label = None
-        if label is None:  # every spot taken: keep the first and accept the overlap
-            label = axes.annotate(name, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=7)
+            if free:
+                break
+        chosen = offsets[min(candidates)[2]]
+        label = axes.annotate(
+            name,
+            (x, y),
+            xytext=chosen,
+            textcoords="offset points",
+            fontsize=fontsize,
+            ha="left" if chosen[0] > 0 else "right" if chosen[0] < 0 else "center",
+            **text,
+        )
         placed.append(label.get_window_extent(renderer))
 
 
@@ -353,7 +399,9 @@ def plot_training_curves(
 
 
 def _run_figure() -> Figure:
-    return Figure(figsize=RUN_FIGSIZE, dpi=DPI, layout="constrained")
+    figure = Figure(figsize=RUN_FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # a renderer to measure labels on
+    return figure
 
 
 def plot_id_vs_ood(results: Mapping[str, Any], path: Path) -> Path:
@@ -361,8 +409,14 @@ def plot_id_vs_ood(results: Mapping[str, Any], path: Path) -> Path:
 
     The curve is the zero-shot / fine-tune trade-off line (straight in logit space, so curved here);
     points above it have positive effective robustness. The dashed diagonal is OOD = ID: the distance
-    below it is how much the distribution shift costs. Also writes an SVG with the same stem.
+    below it is how much the distribution shift costs. Bars are the 95% intervals (``ci``) where the
+    entries have them. Also writes an SVG with the same stem.
     """
+    return _save(id_vs_ood_figure(results), path)
+
+
+def id_vs_ood_figure(results: Mapping[str, Any]) -> Figure:
+    """The figure :func:`plot_id_vs_ood` saves (labels placed clear of every point)."""
     from robustft.report.tables import ordered_methods
 
     methods = results["methods"]
@@ -386,14 +440,18 @@ def plot_id_vs_ood(results: Mapping[str, Any], path: Path) -> Path:
             linewidth=1.5,
             label="zero-shot / fine-tune trade-off (logit fit)",
         )
-    axes.scatter(xs, ys, zorder=3, color="C0")
+    axes.scatter(xs, ys, zorder=3, color="C0", s=RUN_MARKER_SIZE**2)
     for name, x, y in zip(names, xs, ys, strict=True):
-        axes.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+        entry = methods[name]
+        if "ci" in entry:
+            bars = {"xerr": error_bar(x, entry, "id", 0.0), "yerr": error_bar(y, entry, "ood_avg", 0.0)}
+            axes.errorbar([x], [y], **bars, fmt="none", ecolor="C0", elinewidth=0.8, capsize=2, alpha=0.6, zorder=2)
     axes.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="ID accuracy (%)", ylabel="OOD accuracy, average (%)")
     axes.set_title(f"{results.get('benchmark', '')}: ID vs OOD accuracy")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="upper left", fontsize=8)
-    return _save(figure, path)
+    place_labels(figure, axes, names, xs, ys, fontsize=8, markersize=RUN_MARKER_SIZE)
+    return figure
 
 
 def plot_alpha_curve(
@@ -423,9 +481,7 @@ def plot_alpha_curve(
             linewidth=1.5,
             label=f"trade-off line through alpha {alphas[0]:g} and {alphas[-1]:g} (logit fit)",
         )
-    axes.plot(xs, ys, marker="o", color="C0", zorder=3, label="alpha sweep")
-    for alpha, x, y in zip(alphas, xs, ys, strict=True):
-        axes.annotate(f"{alpha:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    axes.plot(xs, ys, marker="o", markersize=RUN_MARKER_SIZE, color="C0", zorder=3, label="alpha sweep")
     if chosen is not None and chosen in alphas:
         i = alphas.index(chosen)
         axes.scatter(
@@ -442,4 +498,5 @@ def plot_alpha_curve(
     axes.set_title(title or "ID vs OOD accuracy over alpha")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=8)
+    place_labels(figure, axes, [f"{alpha:g}" for alpha in alphas], xs, ys, fontsize=8, markersize=RUN_MARKER_SIZE)
     return _save(figure, path)

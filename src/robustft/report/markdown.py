@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from robustft.report.document import Block, FigureBlock, Heading, Paragraph, TableBlock
-from robustft.report.tables import leaderboard_table, results_table
+from robustft.report.tables import leaderboard_table, marks_legend, results_table
 
 LEADERBOARD_NOTE = (
     "Accuracies in %{spread}. Effective robustness: OOD average above the zero-shot / fine-tune line in logit "
@@ -54,6 +54,6 @@ def leaderboard_markdown(leaderboard: Mapping[str, Any]) -> str:
     spread = ", mean ± population std over seeds" if len(seeds) > 1 else ", one seed"
     listed = ", ".join(map(str, seeds))
     title = f"# Leaderboard: {leaderboard['benchmark']} (seeds {listed}; config {leaderboard['config']})\n"
-    return "\n".join(
-        [title, markdown(*leaderboard_table(leaderboard), text_columns=2), LEADERBOARD_NOTE.format(spread=spread), ""]
-    )
+    legend = marks_legend(leaderboard["methods"])
+    note = LEADERBOARD_NOTE.format(spread=spread) + (f" {legend}" if legend else "")
+    return "\n".join([title, markdown(*leaderboard_table(leaderboard), text_columns=2), note, ""])

@@ -3,8 +3,11 @@
 Every view (report.md, report.html, leaderboard.md, the terminal) builds its tables here, so one number is
 formatted one way everywhere: accuracies with two decimals, effective robustness signed, parameter counts as
 a reader says them (1.2M), and a statistic over seeds as ``mean ± std`` only when there are several seeds
-(one seed shows the value alone). A :class:`Column` reads one value from an entry; the value may be a plain
-number (a results.json entry) or ``{"mean", "std"}`` (a leaderboard entry), so the same columns serve both.
+(one seed shows the value alone). Where the entry holds a 95% confidence interval (``ci``, from
+:mod:`robustft.statistics`), an accuracy reads ``mean [lo, hi]`` instead, the interval holding the spread over
+seeds too, and a leaderboard's ID and OOD average carry significance marks (``▲ft``: significantly above
+fine-tuning). A :class:`Column` reads one value from an entry; the value may be a plain number (a results.json
+entry) or ``{"mean", "std"}`` (a leaderboard entry), so the same columns serve both.
 """
 
 from __future__ import annotations
@@ -42,9 +45,35 @@ class Column:
     style: str = "number"
     decimals: int = 2
     signed: bool = False
+    interval: Callable[[Mapping[str, Any]], Any] | None = None  # the entry's 95% interval [lo, hi], if any
+    marks: Callable[[Mapping[str, Any]], str] | None = None  # significance marks appended to the cell
 
     def cell(self, entry: Mapping[str, Any], several_seeds: bool = False) -> str:
-        return format_cell(self.value(entry), self.style, self.decimals, self.signed, several_seeds)
+        value = self.value(entry)
+        mean = value.get("mean") if isinstance(value, Mapping) else value
+        bounds = self.interval(entry) if self.interval is not None else None
+        if is_interval(bounds) and format_number(mean) != MISSING:
+            text = format_interval(mean, bounds, self.decimals)  # the interval holds the spread over seeds too
+        else:
+            text = format_cell(value, self.style, self.decimals, self.signed, several_seeds)
+        suffix = self.marks(entry) if self.marks is not None else ""
+        return f"{text} {suffix}" if suffix else text
+
+
+def is_interval(bounds: Any) -> bool:
+    """Whether ``bounds`` is a finite ``[lo, hi]`` pair (a ``ci`` value of a results or leaderboard entry)."""
+    return (
+        isinstance(bounds, Sequence)
+        and not isinstance(bounds, str)
+        and len(bounds) == 2
+        and all(isinstance(b, int | float) and math.isfinite(b) for b in bounds)
+    )
+
+
+def format_interval(value: float | None, bounds: Sequence[float], decimals: int = 2) -> str:
+    """``value [lo, hi]``: a number with its 95% confidence interval (``robustft.statistics``)."""
+    lo, hi = (format_number(bound, decimals) for bound in bounds)
+    return f"{format_number(value, decimals)} [{lo}, {hi}]"
 
 
 def format_number(value: float | None, decimals: int = 2, signed: bool = False) -> str:
@@ -132,7 +161,37 @@ def _ood_avg(entry: Mapping[str, Any]) -> Any:
 
 
 def split_column(split: str) -> Column:
-    return Column(split, split, lambda entry: (entry.get("ood") or {}).get(split))
+    return Column(
+        split,
+        split,
+        lambda entry: (entry.get("ood") or {}).get(split),
+        interval=lambda entry: ((entry.get("ci") or {}).get("ood") or {}).get(split),
+    )
+
+
+# A leaderboard's significance marks: ▲<short name> when a method is significantly above that baseline.
+MARK = "▲"
+BASELINE_MARKS = {"finetune": "ft", "wise_ft": "wise"}
+
+
+def significance_marks(entry: Mapping[str, Any], key: str) -> str:
+    """``▲ft▲wise``: the baselines ``entry`` is significantly above on ``key`` (``id`` or ``ood_avg``)."""
+    tests = entry.get("significance") or {}
+    above = [baseline for baseline, test in tests.items() if ((test or {}).get(key) or {}).get("above")]
+    return "".join(f"{MARK}{BASELINE_MARKS.get(baseline, baseline)}" for baseline in above)
+
+
+def marks_legend(methods: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """One sentence explaining the marks of a leaderboard; None when no method was tested."""
+    baselines = list(dict.fromkeys(b for entry in methods.values() for b in (entry.get("significance") or {})))
+    if not baselines:
+        return None
+    named = ", ".join(f"`{MARK}{BASELINE_MARKS.get(b, b)}`: above `{b}`" for b in baselines)
+    return (
+        f"Marks on ID and OOD avg ({named}): significantly above that baseline on the same test images and seeds "
+        "(paired bootstrap, the 95% interval of the difference above 0). [lo, hi]: 95% bootstrap confidence "
+        "interval over test images (and over seeds, with several)."
+    )
 
 
 def split_value(entry: Mapping[str, Any], key: str, split: str = "id_test") -> float | None:
@@ -147,8 +206,18 @@ def ood_mean(entry: Mapping[str, Any], key: str) -> float | None:
 
 
 KIND = Column("kind", "kind", lambda entry: entry.get("kind"), style="text")
-ID = Column("ID", "id", lambda entry: entry.get("id"))
-OOD_AVG = Column("OOD avg", "ood_avg", _ood_avg)
+
+
+def _interval(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda entry: (entry.get("ci") or {}).get(key)
+
+
+def _marks(key: str) -> Callable[[Mapping[str, Any]], str]:
+    return lambda entry: significance_marks(entry, key)
+
+
+ID = Column("ID", "id", lambda entry: entry.get("id"), interval=_interval("id"), marks=_marks("id"))
+OOD_AVG = Column("OOD avg", "ood_avg", _ood_avg, interval=_interval("ood_avg"), marks=_marks("ood_avg"))
 EFFECTIVE_ROBUSTNESS = Column(
     "eff. robustness", "effective_robustness", lambda entry: entry.get("effective_robustness"), signed=True
 )

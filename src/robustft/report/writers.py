@@ -54,7 +54,27 @@ def load_results(paths: list[Path]) -> dict[str, Any]:
             )
         _merge_methods(merged["methods"], origin, data["methods"], file)
     assert merged is not None
+    _add_significance(merged["methods"], origin)
     return merged
+
+
+def _add_significance(methods: dict[str, Any], origin: Mapping[str, Path]) -> None:
+    """Each method whose run directory kept its predictions gets ``significance`` against the baselines
+    (``robustft.statistics.paired_test``: the same test images), as a leaderboard row has."""
+    from robustft.statistics import BASELINES, paired_test, run_correctness
+
+    correct = {name: run_correctness([origin[name].parent]) for name in methods}
+    for name, table in correct.items():
+        tests = {}
+        for baseline in BASELINES:
+            if baseline == name or table is None or correct.get(baseline) is None:
+                continue
+            try:
+                tests[baseline] = paired_test(table, correct[baseline])  # type: ignore[arg-type]
+            except DataError:  # not scored on the same images (another benchmark config): no pairing
+                continue
+        if tests:
+            methods[name]["significance"] = tests
 
 
 def _find_results_files(paths: list[Path]) -> list[Path]:
