@@ -155,6 +155,11 @@ def comparison_notes(leaderboard: Mapping[str, Any]) -> list[str]:
         notes = [f"Mean ± standard deviation over {len(seeds)} seed(s) ({listed}); accuracies in %."]
     else:
         notes = [f"One seed ({listed}): no spread over seeds to show; accuracies in %."]
+    shared = [f"`{name}`" for name, row in methods.items() if row.get("seed_independent")]
+    if shared and len(seeds) > 1:
+        notes.append(
+            f"Seed-independent (run once, the same numbers for every seed, so a std of 0): {', '.join(shared)}."
+        )
     if missing:
         notes.append(
             f"No zero-shot / fine-tune trade-off line: the reference {' and '.join(missing)} method is "
