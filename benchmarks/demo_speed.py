@@ -35,10 +35,11 @@ def extract(commit: str, into: Path) -> Path:
     return into / "src"
 
 
-def run_demo(source: Path, epochs: int | None, seeds: str | None, threads: int) -> dict:
+def run_demo(source: Path, epochs: int | None, seeds: str | None, threads: int, methods: str | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="robustft_demo_speed_") as out:
         command = [sys.executable, "-m", "robustft", "demo", "--out", out]
         command += ["--epochs", str(epochs)] if epochs else []
+        command += ["--methods", methods] if methods else []
         command += ["--seeds", seeds] if seeds else []
         env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
         load_before = machine_load()
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--after", default="HEAD", help="the later commit")
     parser.add_argument("--epochs", type=int, default=None, help="demo budget (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--methods", default=None, help="a subset of methods (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-seeds", action="store_true", help="skip the two-seed run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
@@ -76,7 +78,7 @@ def main() -> None:
             plan = [("before", before, None), ("after", after, None)]
             plan += [] if args.no_seeds else [("after_2_seeds", after, "0,1")]
             for name, source, seeds in plan:
-                runs[name].append(run_demo(source, args.epochs, seeds, args.threads))
+                runs[name].append(run_demo(source, args.epochs, seeds, args.threads, args.methods))
                 print(name, json.dumps(runs[name][-1]), flush=True)
                 write(args, runs)
 
@@ -95,6 +97,7 @@ def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
             ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
         ).stdout.strip(),
         "epochs": args.epochs or "recipe default",
+        "methods": args.methods or "all",
         "threads": args.threads,
         "median_seconds": {"before": before, "after": after, "after_2_seeds": two},
         "after_over_before": after / before if before and after else None,
