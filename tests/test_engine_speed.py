@@ -107,3 +107,17 @@ def test_compiled_training_matches_eager(small, tmp_path):
     compiled, compiled_logs = train(small, tmp_path / "compiled", sync=True, compile=True)
     assert compiled_logs[-1]["loss"] == pytest.approx(eager_logs[-1]["loss"], rel=1e-3)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the plain model's keys
+
+
+def test_persistent_evaluation_loader_keeps_its_workers_and_batches(small):
+    from robustft.data import sequential_loader
+
+    dataset = small.ctx.splits["id_val"]
+    plain = [(images.clone(), labels.clone()) for images, labels in sequential_loader(dataset, 16)]
+    loader = sequential_loader(dataset, 16, num_workers=1, persistent=True)
+    assert sequential_loader(dataset, 16, num_workers=1, persistent=True) is loader and loader.persistent_workers
+    for _ in range(2):  # iterated twice through the same worker process
+        batches = list(loader)
+        assert len(batches) == len(plain)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, plain, strict=True))
+    assert sequential_loader(dataset, 16, num_workers=0, persistent=True) is not loader  # no workers: a plain loader

@@ -42,9 +42,10 @@ def predict(
         return gather_shards(logits), gather_shards(labels)
     predictor.eval()
     logits, labels = [], []
-    pin_memory = device.type == "cuda"
+    cuda = device.type == "cuda"
+    loader = sequential_loader(dataset, batch_size, num_workers, pin_memory=cuda, persistent=cuda)
     with autocast_context(device, autocast_dtype):
-        for images, batch_labels in sequential_loader(dataset, batch_size, num_workers, pin_memory=pin_memory):
+        for images, batch_labels in loader:
             logits.append(predictor(images.to(device, non_blocking=True)).float())
             labels.append(batch_labels)
     if not labels:  # an empty shard (fewer samples than ranks)

@@ -52,8 +52,29 @@ def _loader(
     return DataLoader(dataset, batch_sampler=batches, **options)
 
 
-def sequential_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    return _loader(dataset, list(range(len(dataset))), batch_size, num_workers, pin_memory=pin_memory)
+# Evaluation loaders kept with their workers alive (``persistent``), by (dataset id, batch size, workers, pin).
+_PERSISTENT: dict[tuple[int, int, int, bool], tuple[Dataset, DataLoader]] = {}
+
+
+def sequential_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False, persistent: bool = False
+) -> DataLoader:
+    """Batches in index order. ``persistent`` with workers: one loader per split whose worker processes stay
+    alive between iterations (``persistent_workers``), so the many scorings of one split in a comparison
+    (every method, every WiSE-FT alpha) do not start ``num_workers`` processes each time."""
+    if not persistent or num_workers == 0:
+        return _loader(dataset, list(range(len(dataset))), batch_size, num_workers, pin_memory=pin_memory)
+    key = (id(dataset), batch_size, num_workers, pin_memory)
+    if key not in _PERSISTENT:
+        batches = BatchSampler(list(range(len(dataset))), batch_size, drop_last=False)
+        options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": True}
+        options["generator"] = torch.Generator().manual_seed(len(dataset))  # the global RNG is not drawn from
+        if is_in_memory(dataset):
+            loader = DataLoader(dataset, sampler=batches, batch_size=None, **options)
+        else:
+            loader = DataLoader(dataset, batch_sampler=batches, **options)
+        _PERSISTENT[key] = (dataset, loader)  # the dataset is held, so its id is not reused
+    return _PERSISTENT[key][1]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
