@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="a subset of methods (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-seeds", action="store_true", help="skip the two-seed run")
+    parser.add_argument("--only", default=None, help="run only these of before,after,after_2_seeds (a rerun)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"before": [], "after": [], "after_2_seeds": []}
@@ -77,6 +78,7 @@ def main() -> None:
         for _ in range(args.rounds):
             plan = [("before", before, None), ("after", after, None)]
             plan += [] if args.no_seeds else [("after_2_seeds", after, "0,1")]
+            plan = [step for step in plan if args.only is None or step[0] in args.only.split(",")]
             for name, source, seeds in plan:
                 runs[name].append(run_demo(source, args.epochs, seeds, args.threads, args.methods))
                 print(name, json.dumps(runs[name][-1]), flush=True)
