@@ -100,3 +100,56 @@ def timed_session_steps(session: Any, warmup: int, steps: int) -> list[float]:
         synchronize(session.device)
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+# ------------------------------------------------------------------ timing on a shared machine
+
+
+def machine_load() -> dict[str, Any]:
+    """The load the machine carried when a measurement was taken: load averages and the CPU count.
+
+    On a shared machine other jobs slow every method alike only if the methods are timed at the same
+    moment, so every benchmark records this beside its numbers (and times its methods interleaved)."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen, "cpu_count": os.cpu_count()}
+
+
+def interleaved_times(
+    runs: dict[str, Any], warmup: int, repeats: int, device: torch.device | None = None
+) -> dict[str, list[float]]:
+    """Seconds of each call of every ``runs[name]()``, the calls alternating name by name in one process.
+
+    Round ``r`` calls every run once, starting from a different one each round (so no run always follows
+    the same neighbour); ``warmup`` rounds are untimed. A change of machine load during the measurement
+    then slows all runs alike, and the ratios of the per-round times stay honest. On a GPU each call is
+    bracketed by synchronisations (a wall-clock time needs them)."""
+    import time
+
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if device is not None:
+                synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            if device is not None:
+                synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_summary(seconds: list[float]) -> dict[str, float]:
+    """Median and minimum of a run's timed calls (the minimum: the least disturbed call)."""
+    return {"median": statistics.median(seconds), "min": min(seconds), "samples": len(seconds)}
+
+
+def ratio_summary(seconds: list[float], reference: list[float]) -> dict[str, float]:
+    """``reference`` time over ``seconds`` (above 1: faster than the reference), per round then the median,
+    and the ratio of the minima; the calls of one round ran back to back, so they saw the same load."""
+    per_round = [ref / value for ref, value in zip(reference, seconds, strict=True)]
+    return {"median": statistics.median(per_round), "of_min": min(reference) / min(seconds)}

@@ -27,6 +27,14 @@ peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) is read. 
 ~0.5-1 GB of Python and libraries every process holds, so its ratios understate the differences;
 ``step_peak_extra_bytes`` (peak minus the resident set before the first step) isolates what the steps add.
 
+Step-time ratios (``throughput_ratio_to_ft``, ``step_seconds``): every trained method's session is built in
+this process, each on its own copy of the model, and their steps are timed *interleaved*: each round steps
+every method once, in an order rotated round by round (``bench_support.interleaved_times``), so a change of
+machine load slows all methods alike. Reported per method: the median and minimum step time, and FT's time
+over the method's per round (median) and of the minima. The machine's load averages before and after are
+recorded (``machine.load_before`` / ``load_after``). The memory pass above runs separately, one method
+at a time, because a peak cannot be attributed to one of several interleaved methods.
+
 Inference: the predictor ``finalize`` returns, in eval mode under the same autocast, against one forward of
 the plain classifier (a fresh copy of the starting model), interleaved in the same rounds on the training
 batch; ``inference_ratio_to_forward`` is the ratio of the medians. Post-hoc methods do not train: WiSE-FT,
@@ -57,7 +65,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_support import read_status
+from bench_support import interleaved_times, machine_load, ratio_summary, read_status, time_summary
 from torch import nn
 
 # Non-trained methods whose predictor is one plain classifier of the starting architecture.
@@ -248,17 +256,44 @@ def inference_ratios(
             errors[name] = one_line(error)
             continue
         runs[name] = call(predictor)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.warmup + args.steps):
-        for name, run in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times(runs, args.warmup, args.steps, device)
     forward = statistics.median(times.pop("plain_forward"))
     return forward, {name: statistics.median(values) / forward for name, values in times.items()}, errors
+
+
+def interleaved_steps(names: list[str], args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Step times of the trained ``names``, stepped alternately in this process (see the module docstring)."""
+    from robustft.engine import Engine, repeat_batch
+    from robustft.methods import get_method
+
+    setup = build_setup(args, run_dir)
+    device = setup.ctx.device
+    steps: dict[str, Callable[[], object]] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            ctx = setup.ctx.for_run(setup.ctx.run_dir / f"interleaved_{name}", 0, quiet)
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(0)
+            method = get_method(name)()
+            model = method.prepare(copy.deepcopy(setup.model).to(device), ctx)
+            method.setup(model, ctx)
+            engine = Engine(setup.config.train, setup.config.optim, args.batch)
+            total = (args.warmup + args.steps) * args.rounds
+            session = engine.start(method, model, repeat_batch(setup.images, setup.labels), device, total)
+            model.train()
+            steps[name] = session.step
+        except Exception as error:
+            failed[name] = {"error": one_line(error)}
+    times = interleaved_times(steps, args.warmup, args.steps * args.rounds, device)
+    reference = times.get("finetune")
+    results: dict[str, dict[str, Any]] = dict(failed)
+    for name, seconds in times.items():
+        entry: dict[str, Any] = {"step_seconds": time_summary(seconds)}
+        if reference is not None:
+            entry["throughput_ratio_to_ft"] = ratio_summary(seconds, reference)
+        results[name] = entry
+    return results
 
 
 def posthoc_builders(finetuned: nn.Module, setup: Setup, zsf_size: int) -> dict[str, Callable[[], nn.Module]]:
@@ -427,6 +462,9 @@ def main() -> None:
     parser.add_argument(
         "--in-process", action="store_true", help="run every method in this process (always so on CUDA)"
     )
+    parser.add_argument(
+        "--no-interleaved", action="store_true", help="skip the interleaved step timing (memory and inference only)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -455,6 +493,8 @@ def main() -> None:
             else:
                 methods[name] = {}
         trained = [name for name in names if not methods[name]]
+        load_before = machine_load()
+        interleaved = interleaved_steps(trained, args, Path(run_dir)) if trained and not args.no_interleaved else {}
         rounds = []
         for round_index in range(args.rounds):
             measured = {}
@@ -467,13 +507,27 @@ def main() -> None:
             rounds.append(measured)
     if trained:
         methods |= combine_rounds(rounds, args.batch)
+        for name, measured in interleaved.items():
+            if "error" in measured:
+                methods[name].setdefault("error", measured["error"])
+                continue
+            # the step-time ratios come from the interleaved pass; the sequential pass's stay beside them
+            sequential = {key: methods[name].pop(key) for key in ("throughput_ratio_to_ft",) if key in methods[name]}
+            methods[name] |= {
+                "step_seconds_interleaved": measured["step_seconds"],
+                "throughput_ratio_to_ft": measured.get("throughput_ratio_to_ft", {}).get("median"),
+                "throughput_ratio_to_ft_of_min": measured.get("throughput_ratio_to_ft", {}).get("of_min"),
+                "images_per_second": args.batch / measured["step_seconds"]["median"],
+            }
+            if sequential:
+                methods[name]["throughput_ratio_to_ft_sequential"] = sequential["throughput_ratio_to_ft"]
         for name, measured in methods.get("finetune", {}).get("posthoc", {}).items():
             if name in methods:
                 methods[name] |= measured
     report = {
         "benchmark": "method_costs",
         "command": " ".join(["python", *sys.argv]),
-        "machine": machine(device),
+        "machine": machine(device) | {"load_before": load_before, "load_after": machine_load()},
         "settings": {
             "model": args.model,
             "device": args.device,
@@ -485,6 +539,7 @@ def main() -> None:
             "threads": args.threads,
             "zsf_size": args.zsf_size,
             "memory_kind": memory_kind(device, in_process),
+            "step_timing": "interleaved" if interleaved else "sequential",
         },
         "methods": methods,
     }

@@ -33,6 +33,7 @@ from robustft.runner import Prepared
 METHODS = ["zeroshot", "finetune", "wise_ft", "output_ensemble", "vrf"]
 SEEDS = [0, 1]
 POSTHOC = ("wise_ft", "output_ensemble", "vrf")
+SEED_INDEPENDENT = ("zeroshot",)
 # Numbers that are measured again when a run is redone (timings), not results of the method.
 TIMED = ("train_seconds", "inference_cost")
 
@@ -89,18 +90,28 @@ def without_timings(leaderboard):
     return {**leaderboard, "methods": rows}
 
 
+def run_dir_of(out, seed, method):
+    """Where a seed's run lives: a seed-independent method (zero-shot) runs once, in the first seed's folder."""
+    return out / f"seed{SEEDS[0] if method in SEED_INDEPENDENT else seed}" / method
+
+
 def test_one_finetune_per_seed_serves_every_posthoc_method(first):
     out, fits, comparison = first
-    assert sum(fits.values()) == len(METHODS) * len(SEEDS)  # every run fitted once, nothing twice
+    # every run fitted once, nothing twice; the seed-independent zero-shot run once for all seeds
+    assert sum(fits.values()) == len(METHODS) * len(SEEDS) - (len(SEEDS) - 1)
+    assert fits[("zeroshot", SEEDS[1], "zeroshot")] == 0
     for seed in SEEDS:
         assert fits[("finetune", seed, "finetune")] == 1
         for method in POSTHOC:
             assert fits[(method, seed, method)] == 1
             config = yaml.safe_load((out / f"seed{seed}" / method / "config.yaml").read_text())
             assert config["method"]["finetuned_run"] == str(out / f"seed{seed}" / "finetune")
-    assert sorted(comparison.fitted) == sorted(str(out / f"seed{s}" / m) for s in SEEDS for m in METHODS)
+    fitted = [str(out / f"seed{s}" / m) for s in SEEDS for m in METHODS if s == SEEDS[0] or m not in SEED_INDEPENDENT]
+    assert sorted(comparison.fitted) == sorted(fitted)
     manifest = json.loads((out / compare.RUNS_MANIFEST).read_text())["runs"]
-    assert [entry["status"] for entry in manifest] == ["fitted"] * len(METHODS) * len(SEEDS)
+    shared = [(entry["seed"], entry["method"]) for entry in manifest if entry["status"] == "shared"]
+    assert shared == [(SEEDS[1], "zeroshot")] and len(manifest) == len(METHODS) * len(SEEDS)
+    assert not (out / f"seed{SEEDS[1]}" / "zeroshot").exists()
 
 
 def test_leaderboard_numbers_are_the_mean_and_std_of_the_run_files(first):
@@ -109,7 +120,7 @@ def test_leaderboard_numbers_are_the_mean_and_std_of_the_run_files(first):
     assert leaderboard["seeds"] == SEEDS and leaderboard["benchmark"] == "digits_shift"
     assert list(leaderboard["methods"]) == METHODS
     files = {
-        seed: {m: json.loads((out / f"seed{seed}" / m / "results.json").read_text())["methods"][m] for m in METHODS}
+        seed: {m: json.loads((run_dir_of(out, seed, m) / "results.json").read_text())["methods"][m] for m in METHODS}
         for seed in SEEDS
     }
     lines = {
@@ -137,11 +148,14 @@ def test_leaderboard_numbers_are_the_mean_and_std_of_the_run_files(first):
             assert stat == expect([e["ood"][split] for e in entries])
         assert row["ece_id"] == expect([e["ece"]["id_test"] for e in entries])
         assert row["trainable_params"] == entries[0]["trainable_params"]
-        assert row["runs"] == [str(out / f"seed{seed}" / method) for seed in SEEDS]
-        costs = [json.loads((out / f"seed{s}" / method / compare.COSTS_FILE).read_text()) for s in SEEDS]
+        assert row["runs"] == [str(run_dir_of(out, seed, method)) for seed in SEEDS]
+        assert row.get("seed_independent", False) == (method in SEED_INDEPENDENT)
+        costs = [json.loads((run_dir_of(out, s, method) / compare.COSTS_FILE).read_text()) for s in SEEDS]
         assert row["inference_cost"] == pytest.approx(statistics.fmean(c["inference_cost"] for c in costs))
         assert row["peak_memory_mb"] is None  # CPU: no per-run peak (documented in compare.py)
     assert leaderboard["methods"]["finetune"]["ece_id"]["std"] > 0  # the seeds trained differently
+    assert leaderboard["methods"]["zeroshot"]["id"]["std"] == 0  # one run reported for both seeds
+    assert "Seed-independent" in (out / "report.md").read_text()
     csv_rows = leaderboard_csv(leaderboard).splitlines()
     assert len(csv_rows) == 1 + len(METHODS) and csv_rows[0].startswith("method,kind,id_mean,id_std")
     assert "± " in (out / "leaderboard.md").read_text()  # several seeds: mean ± std cells

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from posthoc_support import bits_equal, finetune, posthoc_run, small_prepared
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.evaluate import evaluate_splits, predict
+from robustft.logit_cache import LogitCache
 from robustft.methods import get_method
 from robustft.methods.output_ensemble import OutputEnsemble, ensemble_log_probs
 from robustft.runner import FINAL_CHECKPOINT
@@ -75,7 +77,7 @@ def test_sweep_forwards_each_model_once_per_split(small, finetuned_run, tmp_path
     method = get_method("output_ensemble")(
         get_method("output_ensemble").config_cls(finetuned_run=finetuned_run, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     )
-    ctx = small.ctx.for_run(tmp_path, 0, lambda message: None)
+    ctx = dataclasses.replace(small.ctx.for_run(tmp_path, 0, lambda message: None), logit_cache=LogitCache())
     model = method.prepare(copy.deepcopy(small.model), ctx)
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))  # deepcopy keeps it
@@ -83,6 +85,9 @@ def test_sweep_forwards_each_model_once_per_split(small, finetuned_run, tmp_path
     evaluated = sum(len(split) for name, split in ctx.splits.items() if name != "train")
     assert sum(calls) == 2 * evaluated  # zero-shot and fine-tuned, once each, whatever the number of alphas
     assert len(ctx.extras["curve"]) == 6
+    calls.clear()
+    method.finalize(model, ctx)  # both models' logits are in the run's logit cache now
+    assert calls == []
 
 
 def test_output_ensemble_run_matches_its_endpoints_and_reloads(small, finetuned_run, tmp_path):

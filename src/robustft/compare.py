@@ -3,9 +3,13 @@
 A fair comparison of robust fine-tuning methods holds everything but the method fixed: the model, the
 data, the optimiser recipe and the training budget come from one run config; each method adds only its
 documented defaults (its ``MethodConfig``) and, where its paper tunes it separately, its own learning
-rate (``compare.optim``). Shared work is done once per seed:
+rate (``compare.optim``). Shared work is done once per comparison or once per seed:
 
-- the data and the zero-shot classifier are prepared once (``runner.prepare_run``) and copied per run;
+- the data and the zero-shot classifier are prepared once (``runner.prepare_run``) and copied per run; when
+  the model starts from fixed weights (not randomly initialised from the seed) once for all seeds, with one
+  logit cache (:mod:`robustft.logit_cache`), so no predictor scores a split twice;
+- a seed-independent method (zero-shot, linear probe: ``Method.seed_independent``) runs once, for the first
+  seed, and is reported for every seed with the same numbers (``seed_independent`` in the leaderboard);
 - one zero-shot run is the reference every method's effective robustness is measured against;
 - one fine-tuning run (``finetune``) is the input of every post-hoc method over a fine-tuned model
   (WiSE-FT, output-space ensembles, VRF) and the first ingredient of the soups; the soups' extra
@@ -59,7 +63,7 @@ from robustft.data import sequential_loader
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
 from robustft.methods import checked, get_method, list_methods
-from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
+from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor, randomly_initialised
 from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
     leaderboard_csv,
     leaderboard_markdown,
@@ -89,7 +93,7 @@ ZERO_SHOT, FINETUNED = "zeroshot", "finetune"
 INFERENCE_BATCH = 32
 INFERENCE_REPEATS = 3
 # Keys that differ between otherwise identical runs and do not change their results.
-_IGNORED_CONFIG_KEYS = frozenset({"train.progress"})
+_IGNORED_CONFIG_KEYS = frozenset({"train.progress", "data.num_workers"})
 
 
 class CompareSection(StrictModel):
@@ -348,7 +352,14 @@ def execute_comparison(
     costs: dict[int, dict[str, dict[str, Any]]] = {}
     runs: dict[int, dict[str, str]] = {}
     roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
+    seed_free = not randomly_initialised(base.model.model_dump(mode="json"))
+    first_results: dict[str, dict[str, Any]] = {}  # seed-independent runs of the first seed, by method
+
+    def shared(plan: PlannedRun) -> bool:
+        return seed_free and plan.config.seed != seeds[0] and is_seed_independent(plan)
+
     all_plans = [plan for seed in seeds for plan in plan_seed(base, names, seed, roots[seed], settings, progress)]
+    all_plans = [plan for plan in all_plans if not shared(plan)]
     launched = launcher.execute(launcher.comparison_tasks(all_plans), out, log) if launcher else {}
     for seed in seeds:
         root = roots[seed]
@@ -356,10 +367,23 @@ def execute_comparison(
         for saved in [plan.run_dir / "config.yaml" for plan in plans if (plan.run_dir / "config.yaml").is_file()]:
             read_yaml_mapping(saved)  # a torn or unsafe config.yaml is named before any run of the seed starts
         seed_run = _SeedRunner(plans[0].config, prepared, log)
+        if seed_free:  # the data and the zero-shot model do not depend on the seed: prepared once
+            prepared = seed_run.prepared_lazily()
         redone: set[Path] = set()
         merged: dict[str, Any] = {"benchmark": None, "seed": seed, "methods": {}}
         costs[seed], runs[seed] = {}, {}
         for plan in plans:
+            if shared(plan):
+                name, results = plan.config.name, first_results[plan.config.name]
+                log(f"{plan.method} (seed {seed}): seed-independent, the seed {seeds[0]} run is reported for it")
+                status = {"seed": seed, "method": plan.method, "run_dir": results["run_dir"], "status": "shared"}
+                statuses.append(status)
+                _write_manifest(out, statuses)
+                merged["methods"][results["name"]] = results["entry"]
+                kinds[results["name"]] = plan.kind
+                costs[seed][results["name"]] = costs[seeds[0]][results["name"]]
+                runs[seed][results["name"]] = results["run_dir"]
+                continue
             results, status = seed_run.run(plan, redone)
             entry = {"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status}
             if plan.run_dir in launched:  # run by a job: its status, not the read-back's
@@ -375,6 +399,9 @@ def execute_comparison(
                 continue
             merged["benchmark"] = results["benchmark"]
             name, entry = next(iter(results["methods"].items()))
+            if seed_free and is_seed_independent(plan):
+                entry = {**entry, "seed_independent": True}
+                first_results[plan.config.name] = {"name": name, "entry": entry, "run_dir": str(plan.run_dir)}
             merged["methods"][name] = entry
             kinds[name] = plan.kind
             costs[seed][name] = seed_run.costs(plan)
@@ -386,17 +413,31 @@ def execute_comparison(
     return Comparison(leaderboard, per_seed, statuses)
 
 
+def is_seed_independent(plan: PlannedRun) -> bool:
+    """A single-model run whose method declares its result independent of the seed (zero-shot, linear probe)."""
+    return plan.kind != "posthoc" and "+" not in plan.method and get_method(plan.method).seed_independent
+
+
 class _SeedRunner:
     """Fits or reads back the runs of one seed, preparing data and model only when a run needs them."""
 
-    def __init__(self, first: RunConfig, prepared: Prepared | None, log: Callable[[str], None]) -> None:
-        self.first, self.prepared, self.log = first, prepared, log
+    def __init__(self, first: RunConfig, prepared: Prepared | _LazyPrepared | None, log: Callable[[str], None]) -> None:
+        self.first, self.log = first, log
+        self.shared = prepared if isinstance(prepared, _LazyPrepared) else _LazyPrepared(prepared)
         self.batch: Tensor | None = None
 
+    @property
+    def prepared(self) -> Prepared | None:
+        return self.shared.prepared
+
+    def prepared_lazily(self) -> _LazyPrepared:
+        """The data this runner prepares when first needed, to hand to the next seed's runner."""
+        return self.shared
+
     def data(self) -> Prepared:
-        if self.prepared is None:
-            self.prepared = prepare_run(self.first, self.log)
-        return self.prepared
+        if self.shared.prepared is None:
+            self.shared.prepared = prepare_run(self.first, self.log)
+        return self.shared.prepared
 
     def run(self, plan: PlannedRun, redone: set[Path]) -> tuple[dict[str, Any], str]:
         action, reason = run_action(plan, redone)
@@ -438,6 +479,13 @@ class _SeedRunner:
         }
         text = json.dumps(costs, indent=2) + "\n"
         atomic_write(plan.run_dir / COSTS_FILE, lambda tmp: tmp.write_text(text))
+
+
+@dataclass
+class _LazyPrepared:
+    """Data and zero-shot model prepared on first use and shared by the seeds' runners (with its logit cache)."""
+
+    prepared: Prepared | None = None
 
 
 def run_action(plan: PlannedRun, redone: set[Path]) -> tuple[str, str]:
@@ -556,6 +604,8 @@ def build_leaderboard(
             "inference_cost": statistics.fmean(ratios) if all(r is not None for r in ratios) else None,
             "runs": [runs[seed][name] for seed in seeds],
         }
+        if all(entry.get("seed_independent") for entry in entries):
+            row["seed_independent"] = True  # run once, reported for every seed
         declared = leaderboard_declarations(entries)  # the report's extra sections and columns, by name
         row |= declared | {key: mean_std([entry.get(key) for entry in entries]) for key in declared["report_columns"]}
         methods[name] = row

@@ -69,7 +69,9 @@ class DataConfig(StrictModel):
     class_names: list[str] | str | None = None
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt = 256
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="loader worker processes; auto: 0 for in-memory splits, else the CPU count less one (max 8)"
+    )
     augment: bool = False
     expected: dict[str, SplitExpectation] = Field(
         default_factory=dict, description="split name -> declared images / classes / sha256 / manifest"
@@ -96,6 +98,13 @@ class DataConfig(StrictModel):
         if self.benchmark is not None and self.splits:
             raise ValueError("data.benchmark and data.splits are exclusive; set benchmark: null to use splits")
         return self
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be auto or a count >= 0, got {value}")
+        return value
 
     def _protocol_source(self) -> DataConfig:
         sources = {"benchmark": self.benchmark, "splits": self.splits, "domains": self.domains, "root": self.root}
@@ -158,6 +167,7 @@ class TrainConfig(StrictModel):
         False,
         description="also log them to Weights & Biases (WANDB_MODE=offline: <run_dir>/wandb) (robustft[tracking])",
     )
+    compile: bool = Field(False, description="torch.compile the model for training (first steps are slower)")
 
     @field_validator("device")
     @classmethod

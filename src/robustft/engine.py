@@ -82,6 +82,21 @@ def out_of_memory_advice(batch_size: int, accumulation: int, device: torch.devic
     )
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype forward passes run in under ``train.precision`` (auto: bf16 on a GPU); None: fp32, no autocast.
+
+    Training, evaluation and every pre-pass use it, so a GPU run does not score its splits in fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Channels-last memory helps convolutions on a GPU (cuDNN's NHWC kernels); a ViT has one patch conv at
+    most and the CPU gains nothing, so only a CUDA model with several convolutions is converted."""
+    return device.type == "cuda" and sum(isinstance(module, nn.Conv2d) for module in model.modules()) > 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -107,10 +122,16 @@ def build_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.
 class Engine:
     """Runs ``method`` on ``model`` over the train split; checkpoints to ``run_dir/checkpoints``."""
 
-    def __init__(self, train: TrainConfig, optim: OptimConfig, batch_size: int) -> None:
+    def __init__(
+        self, train: TrainConfig, optim: OptimConfig, batch_size: int, sync_every_step: bool | None = None
+    ) -> None:
         self.train = train
         self.optim = optim
         self.batch_size = batch_size
+        self.sync_every_step = sync_every_step
+        """Fetch the loss to the host after every step (None: only on the CPU, where that costs nothing; on a
+        GPU the loss stays on the device and is checked every ``train.log_every`` steps and before a checkpoint)."""
+        self.channels_last = False
 
     def total_steps(self, num_samples: int) -> int:
         if self.train.steps is not None:
@@ -119,12 +140,13 @@ class Engine:
         return per_epoch * self.train.epochs
 
     def autocast(self, device: torch.device):
-        precision = self.train.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        if precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        dtype = autocast_dtype(self.train.precision, device)
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def syncs_every_step(self, device: torch.device) -> bool:
+        if distributed.world_size() > 1:  # the ranks agree on the loss (and on stopping) every step
+            return True
+        return self.sync_every_step if self.sync_every_step is not None else device.type == "cpu"
 
     def fit(self, method: Method, model: nn.Module, ctx: RunContext, resume: bool = False) -> FitSummary:
         train_split: Dataset = ctx.splits["train"]
@@ -143,11 +165,17 @@ class Engine:
                 )
         main = distributed.is_main_process()
         total = self.total_steps(len(train_split))
+        self.channels_last = wants_channels_last(model, ctx.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.train.compile:
+            model.compile()  # in place: state-dict keys (checkpoints) stay those of the plain model
         session = self.start(method, model, iter(()), ctx.device, total, groups=groups, bind=False)
         if sharded is None:  # torch's DDP around the method's loss, or the hand-written all-reduce
             session.gradient_sync = distributed.GradientSync(method, model, ctx.device, self.train.strategy)
             if session.gradient_sync.mode != "none":
                 ctx.log(f"gradients averaged over {distributed.world_size()} processes by {session.gradient_sync.mode}")
+        session.sync = self.syncs_every_step(ctx.device)
         session.reduce_gradients = sharded is None or not sharded.is_sharded  # FSDP reduces its own gradients
         optimizer, scheduler = session.optimizer, session.scheduler
         state = _TrainState(len(train_split), self.batch_size, distributed.rank(), distributed.world_size())
@@ -171,20 +199,29 @@ class Engine:
         session.batches = state.batches(train_split, ctx)
         progress = _progress(total, state.step, enabled=self.train.progress and main)
         saved_at = resumed_from
+        pending_losses: list[torch.Tensor] = []  # unchecked losses of the steps since the last check (GPU)
         model.train()
         start = time.perf_counter()
         while state.step < stop_at:
             session.step_index = state.step
             try:
                 logs = session.step()
+                state.step += 1
+                logging = state.step % self.train.log_every == 0 or state.step == stop_at
+                if not session.sync:
+                    pending_losses.append(logs["loss"])
+                    if logging or state.step % self.train.checkpoint_every == 0:
+                        _check_pending(pending_losses, state.step)
+                        pending_losses.clear()
+                        logs = dict(zip(logs, _as_floats(list(logs.values())), strict=True)) if logging else logs
             except NonFiniteLossError as error:
                 progress.close()
                 tracker.close()
                 kept = _kept(checkpoint_path, saved_at)
-                raise NonFiniteLossError(f"{error} at step {state.step + 1}; {kept}") from None
-            state.step += 1
+                where = "" if " at step " in str(error) else f" at step {state.step + 1}"
+                raise NonFiniteLossError(f"{error}{where}; {kept}") from None
             progress.update(1)
-            if main and (state.step % self.train.log_every == 0 or state.step == stop_at):
+            if main and logging:
                 logs |= {"step": state.step, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch()}
                 _append_jsonl(metrics_path, logs)
                 tracker.log_metrics(state.step, logs)
@@ -243,26 +280,38 @@ class Engine:
         return flat_params(sections) | {"data.batch_size": self.batch_size}
 
     def _step(
-        self, method, model, optimizer, batches, device, step: int, reduce: bool = True, sync=None
-    ) -> dict[str, float]:
+        self, method, model, optimizer, batches, device, step: int, reduce: bool = True, gradient_sync=None, sync=True
+    ) -> dict[str, Any]:
         """One optimiser step; a GPU out-of-memory error anywhere in it becomes one line of advice."""
         try:
-            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce, sync)
+            return self._optimizer_step(method, model, optimizer, batches, device, step, reduce, gradient_sync, sync)
         except torch.cuda.OutOfMemoryError:
             processes = distributed.world_size()
             advice = out_of_memory_advice(self.batch_size, self.train.grad_accumulation, device, processes)
             raise OutOfMemoryError(advice) from None
 
     def _optimizer_step(
-        self, method, model, optimizer, batches, device, step: int, reduce=True, sync=None
-    ) -> dict[str, float]:
+        self, method, model, optimizer, batches, device, step: int, reduce=True, gradient_sync=None, sync=True
+    ) -> dict[str, Any]:
+        """With ``sync`` the returned loss and logs are floats and a non-finite loss raises here; without, they
+        stay tensors on the device (no host sync in the step) and ``fit`` checks them every few steps."""
         accumulation = self.train.grad_accumulation
         total_loss, logs = 0.0, {}
-        loss_of = sync.loss if sync is not None else method.loss  # DDP's forward, or the method's loss itself
+        loss_of = (
+            gradient_sync.loss if gradient_sync is not None else method.loss
+        )  # DDP's forward, or the method's loss itself
         for index in range(accumulation):
             images, labels, weight = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with sync.micro_batch(last=index == accumulation - 1) if sync is not None else nullcontext():
+            if self.channels_last and images.ndim == 4:
+                images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            else:
+                images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with (
+                gradient_sync.micro_batch(last=index == accumulation - 1)
+                if gradient_sync is not None
+                else nullcontext()
+            ):
                 with self.autocast(device):
                     loss, logs = loss_of(model, (images, labels), step)
                 if weight != 1.0:  # this rank's share of an unevenly split global batch (distributed only)
@@ -270,10 +319,13 @@ class Engine:
                 (loss / accumulation).backward()
             total_loss += loss.detach().float() / accumulation
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        reduce = reduce and not (sync is not None and sync.reduces_in_backward)  # DDP averaged them in the backward
-        loss_value, logs = _reduce_over_ranks(total_loss, logs, params, reduce)  # one sync per optimiser step
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value}")
+        reduce = reduce and not (gradient_sync is not None and gradient_sync.reduces_in_backward)  # DDP did it
+        if sync:
+            loss_value, logs = _reduce_over_ranks(total_loss, logs, params, reduce)  # one sync per optimiser step
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value}")
+        else:
+            loss_value = total_loss if isinstance(total_loss, torch.Tensor) else torch.tensor(total_loss)
         method.after_backward(model, step)
         if self.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
@@ -302,6 +354,8 @@ class TrainingSession:
     """All-reduce the gradients over ranks after the backward (off when FSDP reduce-scatters them itself)."""
     gradient_sync: distributed.GradientSync | None = None
     """Across processes under ``train.strategy`` ddp / allreduce: DDP around the loss, or the all-reduce after it."""
+    sync: bool = True
+    """Return the step's logs as floats (a host sync); ``fit`` turns it off on a GPU (``Engine.syncs_every_step``)."""
 
     def step(self) -> dict[str, float]:
         """One whole optimiser step as ``Engine.fit`` runs it: ``loss`` over ``grad_accumulation`` batches
@@ -317,6 +371,7 @@ class TrainingSession:
             self.step_index,
             self.reduce_gradients,
             self.gradient_sync,
+            self.sync,
         )
         self.scheduler.step()
         method.after_step(model, self.step_index)
@@ -373,6 +428,14 @@ def _as_floats(values: list[Any]) -> list[float]:
     return floats
 
 
+def _check_pending(losses: list[torch.Tensor], last_step: int) -> None:
+    """The losses of the steps up to ``last_step``, fetched in one copy; the first non-finite one raises."""
+    values = _as_floats(losses)
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at step {last_step - len(values) + offset + 1}")
+
+
 def _kept(checkpoint: Path, step: int | None) -> str:
     if step is None:
         return "stopped before the first checkpoint (train.checkpoint_every); lower optim.lr or set train.grad_clip"
@@ -402,7 +465,9 @@ class _TrainState:
         size = self.batch_size
         while True:
             epoch, start = divmod(self.micro_batches, self.batches_per_epoch)
-            loader = training_loader(dataset, size, ctx.seed, epoch, start, ctx.num_workers, self.shard, self.shards)
+            pin = ctx.device.type == "cuda"
+            workers, shard, shards = ctx.num_workers, self.shard, self.shards
+            loader = training_loader(dataset, size, ctx.seed, epoch, start, workers, shard, shards, pin)
             for images, labels in loader:
                 position = self.micro_batches % self.batches_per_epoch
                 global_size = min(size, self.num_samples - position * size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,28 +14,94 @@ from robustft.class_spaces import bucket_accuracy, class_space_of, predicting_in
 from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
+from robustft.logit_cache import LogitCache, predictor_fingerprint
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device`` (the run's precision, ``engine.autocast_dtype``); None: fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.no_grad()
 def predict(
-    predictor: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256, num_workers: int = 0
+    predictor: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Logits ``[N, C]`` (float32, CPU) and labels ``[N]`` of a whole split.
+    """Logits ``[N, C]`` (float32, CPU) and labels ``[N]`` of a whole split, under ``autocast_dtype`` if given.
 
     Under torchrun each rank scores its contiguous shard and every rank receives the whole split's
-    logits in order, so post-hoc choices made from them (a WiSE-FT alpha) agree on all ranks.
+    logits in order, so post-hoc choices made from them (a WiSE-FT alpha) agree on all ranks. The
+    logits stay on the device until the split is done: one device-to-host copy per split, not per batch.
     """
     if world_size() > 1 and not isinstance(dataset, ShardView):
-        logits, labels = predict(predictor, ShardView(dataset), device, batch_size, num_workers)
+        logits, labels = predict(predictor, ShardView(dataset), device, batch_size, num_workers, autocast_dtype)
         return gather_shards(logits), gather_shards(labels)
     predictor.eval()
     logits, labels = [], []
-    for images, batch_labels in sequential_loader(dataset, batch_size, num_workers):
-        logits.append(predictor(images.to(device, non_blocking=True)).float())
-        labels.append(batch_labels)
+    cuda = device.type == "cuda"
+    loader = sequential_loader(dataset, batch_size, num_workers, pin_memory=cuda, persistent=cuda)
+    with autocast_context(device, autocast_dtype):
+        for images, batch_labels in loader:
+            logits.append(predictor(images.to(device, non_blocking=True)).float())
+            labels.append(batch_labels)
     if not labels:  # an empty shard (fewer samples than ranks)
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(labels)
+
+
+def predict_cached(
+    predictor: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    *,
+    cache: LogitCache | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    in_class_space: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``predict_in_class_space`` (or plain ``predict`` with ``in_class_space`` False), read from ``cache`` when
+    the same predictor content has scored the same split before (``robustft.logit_cache``).
+
+    A predictor that combines other models' logits (an output ensemble) declares ``logit_parts()`` and
+    ``combine_logits(parts)``: its logits are combined from its parts' cached logits, as its forward would
+    combine them batch by batch, so an ensemble of two scored models costs no forward at all.
+    """
+    if cache is None:
+        if in_class_space:
+            return predict_in_class_space(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+        return predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+    space = class_space_of(dataset) if in_class_space else None
+    parts = getattr(predictor, "logit_parts", None)
+    if parts is not None and (space is None or getattr(predictor, "set_class_space", None) is None):
+        outputs = [
+            predict_cached(
+                part,
+                dataset,
+                device,
+                batch_size,
+                num_workers,
+                cache=cache,
+                autocast_dtype=autocast_dtype,
+                in_class_space=False,
+            )
+            for part in parts()
+        ]
+        logits = predictor.combine_logits([logits for logits, _ in outputs])
+        labels = outputs[0][1]
+        return (space.apply(logits) if space is not None else logits), labels
+    key = cache.key(predictor_fingerprint(predictor), dataset, space, batch_size, autocast_dtype)
+
+    def compute() -> tuple[Tensor, Tensor]:
+        if in_class_space:
+            return predict_in_class_space(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+        return predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+
+    return cache.get_or_compute(key, dataset, compute)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -73,13 +140,18 @@ def _present_f1_of_logits(logits: Tensor, labels: Tensor) -> float:
 
 @torch.no_grad()
 def predict_in_class_space(
-    predictor: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256, num_workers: int = 0
+    predictor: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``predict``, then the logits mapped to the split's declared class space (robustft.class_spaces):
     ``[N, C_split]`` logits against the split's own labels. Use it wherever split logits meet labels."""
     space = class_space_of(dataset)
     with predicting_in(predictor, space) as mapped_by_predictor:
-        logits, labels = predict(predictor, dataset, device, batch_size, num_workers)
+        logits, labels = predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
     return (logits if mapped_by_predictor else space.apply(logits)), labels
 
 
@@ -128,6 +200,9 @@ def evaluate_splits(
     num_workers: int = 0,
     temperature_scaling: bool = True,
     predictions: dict[str, tuple[Tensor, Tensor]] | None = None,
+    *,
+    cache: LogitCache | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics for every split except ``train``.
 
@@ -137,18 +212,25 @@ def evaluate_splits(
     With ``temperature_scaling`` and an ``id_val`` split, one temperature is fitted on ``id_val``'s
     logits and labels alone (``calibration.fit_temperature``) before any other split is scored, and
     every split also reports its calibration after dividing by it (``ece_ts``, ``nll_ts``). Test
-    labels never reach the fit. Splits are predicted one at a time, so only one split's logits are held.
+    labels never reach the fit. Splits are predicted one at a time, so only one split's logits are held
+    (besides what ``cache`` keeps: with one, a split this predictor's content has scored is not scored again).
     """
+
+    def scored(dataset: Dataset) -> tuple[Tensor, Tensor]:
+        return predict_cached(
+            predictor, dataset, device, batch_size, num_workers, cache=cache, autocast_dtype=autocast_dtype
+        )
+
     cached: dict[str, tuple[Tensor, Tensor]] = {}
     temperature = None
     if temperature_scaling and "id_val" in splits:
-        cached["id_val"] = predict_in_class_space(predictor, splits["id_val"], device, batch_size, num_workers)
+        cached["id_val"] = scored(splits["id_val"])
         temperature = fit_temperature(*cached["id_val"])
     metrics = {}
     for name, dataset in splits.items():
         if name == "train":
             continue
-        output = cached.pop(name, None) or predict_in_class_space(predictor, dataset, device, batch_size, num_workers)
+        output = cached.pop(name, None) or scored(dataset)
         metrics[name] = split_metrics(*output, temperature=temperature) | declared_metrics(dataset, *output)
         if predictions is not None:
             predictions[name] = (output[0].argmax(1), output[1])

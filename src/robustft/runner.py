@@ -25,12 +25,13 @@ from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
 from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training_class_space
 from robustft.config import RunConfig, load_config, write_resolved_config
-from robustft.data import load_splits, sequential_loader
-from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
+from robustft.data import auto_num_workers, load_splits, sequential_loader
+from robustft.engine import Engine, OutOfMemoryError, autocast_dtype, resolve_device, seed_everything
 from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
-from robustft.evaluate import evaluate_splits, summarize
+from robustft.evaluate import autocast_context, evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
+from robustft.logit_cache import LogitCache
 from robustft.methods import build_method, method_options
 from robustft.methods.base import Method, RunContext
 from robustft.results_schema import declared_by, results_document
@@ -76,6 +77,7 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
         return _embed(backbone, splits["train"], device, config.data.eval_batch_size)
 
     model = build_classifier(config.model, loaded, class_names, embed_train).to(device)
+    workers = config.data.num_workers
     ctx = RunContext(
         run_dir=config.run_dir,
         device=device,
@@ -83,9 +85,11 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
         splits=splits,
         class_names=class_names,
         eval_batch_size=config.data.eval_batch_size,
-        num_workers=config.data.num_workers,
+        num_workers=auto_num_workers(splits) if workers == "auto" else workers,
         log=log,
         model_spec=config.model.model_dump(mode="json"),
+        autocast_dtype=autocast_dtype(config.train.precision, device),
+        logit_cache=LogitCache(),
     )
     return Prepared(model, ctx, benchmark_name(config))
 
@@ -157,7 +161,7 @@ def fit(
                 trainable = count_trainable(model)
         with training_class_space(model, train_class_space(ctx, method)):
             with removed_on_failure(created):
-                with eval_memory_advice(config, ctx.device):
+                with eval_memory_advice(config, ctx.device), autocast_context(ctx.device, ctx.autocast_dtype):
                     method.setup(model, ctx)
                 if main:
                     start_run_directory(config, resume, overwrite)
@@ -183,6 +187,8 @@ def fit(
                 ctx.num_workers,
                 temperature_scaling=scaling,
                 predictions=predictions,
+                cache=ctx.logit_cache,
+                autocast_dtype=ctx.autocast_dtype,
             )
         entry = summarize(metrics) | confidence_intervals(predictions)
         entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
@@ -368,7 +374,14 @@ def _evaluate_locked(
     predictions: dict[str, Any] = {}
     with eval_memory_advice(config, ctx.device):
         metrics = evaluate_splits(
-            predictor, ctx.splits, ctx.device, ctx.eval_batch_size, temperature_scaling=scaling, predictions=predictions
+            predictor,
+            ctx.splits,
+            ctx.device,
+            ctx.eval_batch_size,
+            ctx.num_workers,
+            temperature_scaling=scaling,
+            predictions=predictions,
+            autocast_dtype=ctx.autocast_dtype,
         )
     entry = summarize(metrics) | confidence_intervals(predictions)
     name = method.result_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -11,22 +12,69 @@ from robustft.config import DataConfig
 from robustft.data.tensor_split import TensorSplit
 from robustft.errors import DataError
 
+# Loader workers per process when ``data.num_workers`` is left to auto on on-disk data: enough to decode and
+# augment ahead of a GPU, one core left for the main process.
+MAX_AUTO_WORKERS = 8
+
+
+def is_in_memory(dataset: Dataset) -> bool:
+    """A split already held as tensors (batched by indexing): loader workers would only copy it."""
+    return bool(getattr(dataset, "supports_batch_indexing", False))
+
+
+def auto_num_workers(splits: dict[str, Dataset], cpu_count: int | None = None) -> int:
+    """``data.num_workers: auto``: 0 when every split is in memory, else the CPU count less one (at most 8)."""
+    if all(is_in_memory(split) for split in splits.values()):
+        return 0
+    cpus = cpu_count if cpu_count is not None else len(os.sched_getaffinity(0))
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 1))
+
 
 def _loader(
-    dataset: Dataset, order: list[int], batch_size: int, num_workers: int, batches: list[list[int]] | None = None
+    dataset: Dataset,
+    order: list[int],
+    batch_size: int,
+    num_workers: int,
+    batches: list[list[int]] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A loader over a fixed order (or given ``batches``). It gets its own generator: a DataLoader otherwise
     draws its worker seed from the global RNG each time it is iterated, which would shift dropout / mixout
-    masks after a mid-epoch resume."""
+    masks after a mid-epoch resume. ``pin_memory`` (for a CUDA device) makes the host-to-device copies
+    asynchronous; workers prefetch two batches each."""
     batches = BatchSampler(order, batch_size, drop_last=False) if batches is None else batches
     generator = torch.Generator().manual_seed(len(order))
-    if getattr(dataset, "supports_batch_indexing", False):
-        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, generator=generator)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=generator)
+    options: dict[str, Any] = {"num_workers": num_workers, "generator": generator, "pin_memory": pin_memory}
+    if num_workers > 0:
+        options["prefetch_factor"] = 2
+    if is_in_memory(dataset):
+        return DataLoader(dataset, sampler=batches, batch_size=None, **options)
+    return DataLoader(dataset, batch_sampler=batches, **options)
 
 
-def sequential_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return _loader(dataset, list(range(len(dataset))), batch_size, num_workers)
+# Evaluation loaders kept with their workers alive (``persistent``), by (dataset id, batch size, workers, pin).
+_PERSISTENT: dict[tuple[int, int, int, bool], tuple[Dataset, DataLoader]] = {}
+
+
+def sequential_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False, persistent: bool = False
+) -> DataLoader:
+    """Batches in index order. ``persistent`` with workers: one loader per split whose worker processes stay
+    alive between iterations (``persistent_workers``), so the many scorings of one split in a comparison
+    (every method, every WiSE-FT alpha) do not start ``num_workers`` processes each time."""
+    if not persistent or num_workers == 0:
+        return _loader(dataset, list(range(len(dataset))), batch_size, num_workers, pin_memory=pin_memory)
+    key = (id(dataset), batch_size, num_workers, pin_memory)
+    if key not in _PERSISTENT:
+        batches = BatchSampler(list(range(len(dataset))), batch_size, drop_last=False)
+        options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": True}
+        options["generator"] = torch.Generator().manual_seed(len(dataset))  # the global RNG is not drawn from
+        if is_in_memory(dataset):
+            loader = DataLoader(dataset, sampler=batches, batch_size=None, **options)
+        else:
+            loader = DataLoader(dataset, batch_sampler=batches, **options)
+        _PERSISTENT[key] = (dataset, loader)  # the dataset is held, so its id is not reused
+    return _PERSISTENT[key][1]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -44,6 +92,7 @@ def training_loader(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Batches of one epoch from ``start_batch`` on (the data position a checkpoint stores).
 
@@ -53,11 +102,11 @@ def training_loader(
     """
     order = epoch_order(len(dataset), seed, epoch)[start_batch * batch_size :]
     if world_size == 1:
-        return _loader(dataset, order, batch_size, num_workers)
+        return _loader(dataset, order, batch_size, num_workers, pin_memory=pin_memory)
     from robustft.distributed import shard_batches
 
     batches = shard_batches(order, batch_size, rank, world_size)
-    return _loader(dataset, order, batch_size, num_workers, batches=batches)
+    return _loader(dataset, order, batch_size, num_workers, batches=batches, pin_memory=pin_memory)
 
 
 def load_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[str, Dataset], list[str]]:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
+from robustft.logit_cache import LogitCache
 from robustft.methods.registry import register_method  # noqa: F401  (method files import it from here)
 
 Batch = tuple[Tensor, Tensor]
@@ -42,6 +43,10 @@ class RunContext:
     model_spec: dict[str, Any] = field(default_factory=dict)
     """The run's ``model:`` config section (JSON values); post-hoc methods check that the runs they
     combine start from the same model."""
+    autocast_dtype: torch.dtype | None = None
+    """The run's precision for forward passes (bf16 on a GPU under ``train.precision: auto``); None: fp32."""
+    logit_cache: LogitCache | None = None
+    """Logits already computed, shared by every run that reuses this context (``robustft.logit_cache``)."""
 
     def for_run(self, run_dir: Path, seed: int, log: Callable[[str], None]) -> RunContext:
         """The same data and device for another run (fresh ``extras``)."""
@@ -51,7 +56,8 @@ class RunContext:
         """Batches of a split in a fixed order, on the run's device (for pre-passes and probes)."""
         from robustft.data import sequential_loader
 
-        loader = sequential_loader(self.splits[split], batch_size or self.eval_batch_size, self.num_workers)
+        pin_memory = self.device.type == "cuda"
+        loader = sequential_loader(self.splits[split], batch_size or self.eval_batch_size, self.num_workers, pin_memory)
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
@@ -77,6 +83,9 @@ class Method:
     """Extra report sections this method's results entry feeds, by name (``robustft.report.sections``)."""
     report_columns: ClassVar[tuple[str, ...]] = ()
     """Extra results-table columns, by name: each is also the results entry key holding the value."""
+    seed_independent: ClassVar[bool] = False
+    """Its result does not depend on the run's seed when the model and data do not (zero-shot, a linear probe
+    fitted deterministically): ``robustft compare`` runs it once and reports it for every seed."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -83,6 +83,7 @@ class LinearProbe(Method):
     name = "linear_probe"
     config_cls = LinearProbeConfig
     trains = False
+    seed_independent = True  # no training; the head is fitted by deterministic L-BFGS
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         model.requires_grad_(False)

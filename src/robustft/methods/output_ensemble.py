@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft.class_spaces import class_space_of
-from robustft.evaluate import predict, split_metrics
+from robustft.evaluate import predict_cached, split_metrics
 from robustft.methods.base import PosthocMethod, RunContext, register_method
 from robustft.posthoc import (
     AlphaSweepConfig,
@@ -69,6 +69,14 @@ class OutputEnsemble(nn.Module):
         finetuned = self.finetuned(images) if alpha > 0 else None
         return ensemble_log_probs(zero_shot, finetuned, alpha)
 
+    def logit_parts(self) -> list[nn.Module]:
+        """The models whose logits ``combine_logits`` mixes (``evaluate.predict_cached`` reads theirs from cache)."""
+        return [self.zero_shot, self.finetuned]
+
+    def combine_logits(self, parts: list[Tensor]) -> Tensor:
+        """``forward`` on the parts' logits of a whole split: the same row-wise maths, so the same values."""
+        return ensemble_log_probs(*parts, float(self.alpha))
+
 
 @register_method
 class OutputEnsembleMethod(PosthocMethod):
@@ -76,7 +84,8 @@ class OutputEnsembleMethod(PosthocMethod):
 
     The output-space counterpart of WiSE-FT that Wortsman et al. (CVPR 2022) compare against: it
     reaches a similar ID/OOD trade-off but costs two forward passes per image. Each split is passed
-    through both models once, and the alpha sweep runs on the cached logits. The predictor is the
+    through both models once (not at all when the run's logit cache holds their logits, as in
+    ``robustft compare``), and the alpha sweep and the final evaluation run on those logits. The predictor is the
     ensemble at the alpha with the best ``id_val`` accuracy (or the fixed ``alpha``); the curve and
     the oracle alphas go to results.json and ``output_ensemble_curve.{json,png}``.
     """
@@ -94,11 +103,13 @@ class OutputEnsembleMethod(PosthocMethod):
         finetuned = loaded.predictor
         self.result_name = composed_name(self.name, loaded.method)
         cached = {}
+        options = {"num_workers": ctx.num_workers, "cache": ctx.logit_cache, "autocast_dtype": ctx.autocast_dtype}
+        options["in_class_space"] = False
         for split, dataset in ctx.splits.items():
             if split == "train":
                 continue
-            zero_shot, labels = predict(model, dataset, ctx.device, ctx.eval_batch_size, ctx.num_workers)
-            tuned, _ = predict(finetuned, dataset, ctx.device, ctx.eval_batch_size, ctx.num_workers)
+            zero_shot, labels = predict_cached(model, dataset, ctx.device, ctx.eval_batch_size, **options)
+            tuned, _ = predict_cached(finetuned, dataset, ctx.device, ctx.eval_batch_size, **options)
             cached[split] = (zero_shot, tuned, labels)
         curve: list[CurvePoint] = []
         for alpha in self.config.sweep_alphas():

@@ -40,6 +40,10 @@ class WiseFt(PosthocMethod):
     evaluated on every split; the predictor is ``theta`` at the alpha with the best ``id_val``
     accuracy (or the fixed ``alpha``). The curve and the oracle alphas (best ID and best OOD on test
     splits, for reference only) go to results.json and ``wise_ft_curve.{json,png}``.
+
+    Alpha 0 and 1 are the two input models themselves, so with the run's logit cache
+    (``robustft.logit_cache``) only the interior alphas are scored when those models were scored before
+    (``robustft compare``), and the final evaluation of the chosen alpha reads the sweep's logits.
     """
 
     name = "wise_ft"
@@ -64,8 +68,23 @@ class WiseFt(PosthocMethod):
         self.result_name = composed_name(self.name, finetuned.method)
         curve: list[CurvePoint] = []
         for alpha in self.config.sweep_alphas():
-            model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))
-            metrics = evaluate_splits(model, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers)
+            if alpha == 0:  # theta_0 itself (the zero-shot run's predictor; its logits are usually cached)
+                model.load_state_dict(theta_0)
+                scored = model
+            elif alpha == 1:  # the fine-tuned run's predictor, likewise
+                scored = finetuned.predictor
+            else:
+                model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))
+                scored = model
+            metrics = evaluate_splits(
+                scored,
+                ctx.splits,
+                ctx.device,
+                ctx.eval_batch_size,
+                ctx.num_workers,
+                cache=ctx.logit_cache,
+                autocast_dtype=ctx.autocast_dtype,
+            )
             curve.append(curve_point(alpha, metrics))
         alpha, chosen_by = choose_alpha(curve, self.config.alpha)
         model.load_state_dict(interpolate_state_dicts(theta_0, theta_1, alpha))

@@ -13,6 +13,7 @@ class ZeroShot(Method):
 
     name = "zeroshot"
     trains = False
+    seed_independent = True
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         model.requires_grad_(False)

@@ -176,6 +176,11 @@ def comparison_notes(leaderboard: Mapping[str, Any]) -> list[str]:
     legend = marks_legend(methods)
     if legend:
         notes.append(legend)
+    shared = [f"`{name}`" for name, row in methods.items() if row.get("seed_independent")]
+    if shared and len(seeds) > 1:
+        notes.append(
+            f"Seed-independent (run once, the same numbers for every seed, so a std of 0): {', '.join(shared)}."
+        )
     if missing:
         notes.append(
             f"No zero-shot / fine-tune trade-off line: the reference {' and '.join(missing)} method is "

@@ -1,0 +1,114 @@
+"""``robustft demo`` wall time: this checkout against an earlier commit, run alternately, and 2 seeds against 1.
+
+Usage (from the repository root; minutes to hours, run it in the background with one thread):
+    OMP_NUM_THREADS=1 python benchmarks/demo_speed.py --before 3f3bb91 --epochs 1 --rounds 1
+
+Both commits' packages are extracted with ``git archive`` into a temporary folder; each demo runs
+as its own ``python -m robustft demo`` process with ``PYTHONPATH`` pointing at one tree or the other, one
+at a time, alternating (before, after, after with two seeds, then again for every round), so a change of
+machine load affects both sides alike; the load averages before and after every run are recorded. The
+demo runs into a fresh temporary directory each time (nothing reused). Writes
+``benchmarks/results/demo_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_support import machine_load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def extract(commit: str, into: Path) -> Path:
+    """``src/`` of ``commit`` into ``into`` (``git archive``: no worktree, no checkout of this one)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
+def run_demo(source: Path, epochs: int | None, seeds: str | None, threads: int, methods: str | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="robustft_demo_speed_") as out:
+        command = [sys.executable, "-m", "robustft", "demo", "--out", out]
+        command += ["--epochs", str(epochs)] if epochs else []
+        command += ["--methods", methods] if methods else []
+        command += ["--seeds", seeds] if seeds else []
+        env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+        load_before = machine_load()
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        return {
+            "seconds": seconds,
+            "returncode": done.returncode,
+            "seeds": seeds or "0",
+            "load_before": load_before,
+            "load_after": machine_load(),
+            "tail": tail,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="3f3bb91", help="the earlier commit")
+    parser.add_argument("--after", default="HEAD", help="the later commit")
+    parser.add_argument("--epochs", type=int, default=None, help="demo budget (default: the recipe's)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--methods", default=None, help="a subset of methods (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-seeds", action="store_true", help="skip the two-seed run")
+    parser.add_argument("--only", default=None, help="run only these of before,after,after_2_seeds (a rerun)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {"before": [], "after": [], "after_2_seeds": []}
+    with tempfile.TemporaryDirectory(prefix="robustft_trees_") as folder:
+        (Path(folder) / "before").mkdir()
+        (Path(folder) / "after").mkdir()
+        before = extract(args.before, Path(folder) / "before")
+        after = extract(args.after, Path(folder) / "after")  # frozen: edits made while it runs do not leak in
+        for _ in range(args.rounds):
+            plan = [("before", before, None), ("after", after, None)]
+            plan += [] if args.no_seeds else [("after_2_seeds", after, "0,1")]
+            plan = [step for step in plan if args.only is None or step[0] in args.only.split(",")]
+            for name, source, seeds in plan:
+                runs[name].append(run_demo(source, args.epochs, seeds, args.threads, args.methods))
+                print(name, json.dumps(runs[name][-1]), flush=True)
+                write(args, runs)
+
+
+def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    def median(name: str) -> float | None:
+        values = [run["seconds"] for run in runs[name] if run["returncode"] == 0]
+        return statistics.median(values) if values else None
+
+    before, after, two = median("before"), median("after"), median("after_2_seeds")
+    report = {
+        "benchmark": "demo_speed",
+        "command": " ".join(["python", *sys.argv]),
+        "before_commit": args.before,
+        "after_commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
+        ).stdout.strip(),
+        "epochs": args.epochs or "recipe default",
+        "methods": args.methods or "all",
+        "threads": args.threads,
+        "median_seconds": {"before": before, "after": after, "after_2_seeds": two},
+        "after_over_before": after / before if before and after else None,
+        "two_seeds_over_one": two / after if two and after else None,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
