@@ -1,6 +1,8 @@
 """Does digits-shift show the robust fine-tuning trade-off? ZS vs FT (and the other methods) over seeds.
 
 Usage: python benchmarks/digits_tradeoff.py --seeds 0 1 2 --out benchmarks/results/digits_tradeoff.json
+       python benchmarks/digits_tradeoff.py --model glyph_clip --methods zeroshot,finetune,wise_ft \
+           --out benchmarks/results/glyphs_tradeoff.json   (the tiny CLIP on glyphs-shift)
 
 Writes per-seed results of every method and, per seed, whether FT beats ZS on ID while its OOD
 average falls below ZS's (the property the benchmark must have to rank robust methods).
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", default="zeroshot,linear_probe,finetune,lp_ft")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_tradeoff.json"))
+    parser.add_argument("--model", default="digits_vit", help="built-in model: digits_vit or glyph_clip")
     args = parser.parse_args()
     per_seed, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,6 +39,7 @@ def main() -> None:
                 methods=args.methods.split(","),
                 progress=False,
                 log=lambda message: None,
+                model=args.model,
             )
             methods = results["methods"]
             zs, ft = methods["zeroshot"], methods["finetune"]
@@ -59,7 +63,8 @@ def main() -> None:
             "ood_avg_std": statistics.pstdev(oods),
         }
     report = {
-        "benchmark": "digits_shift",
+        "benchmark": "glyphs_shift" if args.model == "glyph_clip" else "digits_shift",
+        "model": args.model,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -251,6 +251,13 @@ def build_splits(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str
     ``sizes`` overrides the number of images per split (tests use small ones).
     """
     sizes = {**SPLIT_SIZES, **{name: OOD_SIZE for name in OOD_LOOKS}, **(sizes or {})}
+    return dict(_build_splits(seed, tuple(sizes[name] for name in SPLIT_NAMES)))
+
+
+@lru_cache(maxsize=2)
+def _build_splits(seed: int, counts: tuple[int, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Cached: every run of a comparison reads the same splits. Callers must not modify the tensors."""
+    sizes = dict(zip(SPLIT_NAMES, counts, strict=True))
     generator = torch.Generator().manual_seed(GENERATION_SEED + seed)
     splits = {role: _draw(PRETRAIN_FONTS, sizes[role], ID_LOOK, generator) for role in SPLIT_SIZES}
     for name, look in OOD_LOOKS.items():
