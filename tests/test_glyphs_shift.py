@@ -154,3 +154,20 @@ def test_pretrain_clip_reproduces_the_committed_asset(tmp_path):
     assert produced.keys() == committed.keys()
     for key in produced:
         assert torch.equal(produced[key], committed[key]), key
+
+
+def test_base_to_new_fit_reports_base_new_and_harmonic_mean(tmp_path):
+    from robustft.report import results_table
+    from robustft.runner import fit
+
+    raw = _glyph_config(tmp_path, base_to_new=True).model_dump(mode="json")
+    raw["method"] = {"name": "finetune"}
+    raw["train"].update(steps=2, progress=False)
+    results = fit(parse_config(raw, source="test"), log=lambda message: None)
+    entry = results["methods"]["finetune"]
+    base, new = entry["base_to_new"]["base"], entry["base_to_new"]["new"]
+    assert base == entry["id"] and new == entry["ood"]["ood_new"]
+    assert entry["base_to_new"]["hm"] == pytest.approx(2 * base * new / (base + new))
+    header, rows = results_table(results)
+    assert {"base", "new", "HM"} <= set(header)
+    assert f"{entry['base_to_new']['hm']:.2f}" in rows[0]
