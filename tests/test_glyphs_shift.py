@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from bad_input_support import cli_error, tree_bytes
 
+from bad_input_support import cli_error, tree_bytes
 from robustft.backbones.builtin import GLYPH_CLIP, glyph_clip_checkpoint
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.backbones.open_clip_backbone import load_open_clip, open_clip_classifier, text_zero_shot_head
