@@ -23,6 +23,16 @@ import torch
 from robustft.demo import run_demo
 
 
+def above_line(curve: list[dict], zs: dict, ft: dict) -> bool:
+    """Whether every interior point of WiSE-FT's curve lies above the straight ZS-FT line in (ID, OOD avg)."""
+    inside = [point for point in curve if 0 < point["alpha"] < 1]
+    span = ft["id"] - zs["id"]
+    if not inside or span == 0:
+        return False
+    line = [zs["ood_avg"] + (point["id"] - zs["id"]) / span * (ft["ood_avg"] - zs["ood_avg"]) for point in inside]
+    return all(point["ood_avg"] > value for point, value in zip(inside, line, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -51,6 +61,10 @@ def main() -> None:
                 "ft_ood_below_zs": ft["ood_avg"] < zs["ood_avg"],
                 "demo_seconds": results["total_seconds"],
             }
+            if "curve" in methods.get("wise_ft", {}):
+                curve = methods["wise_ft"]["curve"]
+                per_seed[seed]["wise_ft_curve"] = curve
+                per_seed[seed]["wise_ft_above_zs_ft_line"] = above_line(curve, zs, ft)
             print(json.dumps({"seed": seed, **per_seed[seed]}, indent=None))
     summary = {}
     for name in per_seed[args.seeds[0]]["methods"]:

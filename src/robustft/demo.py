@@ -40,6 +40,14 @@ DEMO_SPLIT_SIZES = {
     "ood_fonts": 1000, "ood_corruption": 1000, "ood_color": 1000, "ood_rotation": 1000,
 }  # fmt: skip
 BUILTIN_MODELS = ("glyph_clip", "digits_vit")
+# Adapter targets of the tiny CLIP: OpenCLIP's attention is nn.MultiheadAttention (fused in_proj_weight), which
+# the adapters' default qkv patterns (timm's nn.Linear) do not match, so the demo adapts the blocks' MLP linears.
+MODEL_METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "glyph_clip": {
+        "lora": {"target_modules": [r"mlp\.c_fc$", r"mlp\.c_proj$"]},
+        "mixture_of_adapters": {"target": r"mlp\.c_fc$", "kron_dim": 32},  # width 96: Kronecker factors of 32
+    },
+}
 
 
 def builtin_model_sections(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,7 +125,8 @@ def run_demo(
     seeds: list[int] | None = None,
     model: str = "glyph_clip",
 ) -> dict[str, Any]:
-    """``robustft compare`` on a built-in model's benchmark with the demo recipe; writes ``out/report.md``, ``out/leaderboard.*``.
+    """``robustft compare`` on a built-in model's benchmark with the demo recipe; writes ``out/report.md`` and
+    ``out/leaderboard.*``.
 
     Returns the first seed's merged results (``{"benchmark", "seed", "methods"}``, as ``runner.fit``
     returns for one run) plus ``total_seconds`` and the ``leaderboard``. Only the methods asked for
@@ -128,7 +137,11 @@ def run_demo(
     start = time.perf_counter()
     seeds = seeds or [seed]
     base = demo_config("finetune", seeds[0], out, epochs, progress=progress, model=model)
-    settings = CompareSection(optim=METHOD_OPTIM, soup_learning_rates=list(SOUP_LEARNING_RATES))
+    settings = CompareSection(
+        optim=METHOD_OPTIM,
+        soup_learning_rates=list(SOUP_LEARNING_RATES),
+        options=MODEL_METHOD_OPTIONS.get(model, {}),
+    )
     comparison = execute_comparison(
         base,
         methods,
