@@ -171,3 +171,26 @@ def test_base_to_new_fit_reports_base_new_and_harmonic_mean(tmp_path):
     header, rows = results_table(results)
     assert {"base", "new", "HM"} <= set(header)
     assert f"{entry['base_to_new']['hm']:.2f}" in rows[0]
+
+
+def test_digits_vit_weights_become_the_same_open_clip_image_tower():
+    import open_clip
+
+    from robustft.backbones.builtin import digits_vit, packaged_checkpoint, register_glyph_clip
+    from robustft.pretrain import digits_vit_as_open_clip_visual
+
+    model = open_clip.create_model(register_glyph_clip(), pretrained=None).eval()
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    mean, std = torch.tensor(preprocess["mean"]), torch.tensor(preprocess["std"])
+    state = load_state_dict_file(packaged_checkpoint())
+    result = model.load_state_dict(digits_vit_as_open_clip_visual(state, mean, std), strict=False)
+    assert not result.unexpected_keys
+    assert [key for key in result.missing_keys if key.startswith("visual.")] == ["visual.proj"]
+    vit = digits_vit()
+    vit.load_state_dict(state)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vit.forward_head(vit.eval().forward_features((images - 0.5) / 0.5), pre_logits=True)
+        model.visual.proj = None
+        produced = model.visual((images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    torch.testing.assert_close(produced, expected, atol=2e-3, rtol=1e-3)
