@@ -35,17 +35,29 @@ def main() -> None:
     generated = time.perf_counter()
     splits = glyphs_shift.build_splits()
     generation_seconds = time.perf_counter() - generated
-    accuracy, counts, eval_seconds = {}, {}, 0.0
+    accuracy, counts, eval_seconds, id_test = {}, {}, 0.0, None
     with torch.no_grad():
         for name, (images, labels) in splits.items():
             dataset = TensorSplit(images, labels, parts.data_config, name)
             began = time.perf_counter()
-            correct = 0
-            for begin in range(0, len(dataset), 512):
-                inputs, targets = dataset[list(range(begin, min(begin + 512, len(dataset))))]
-                correct += int(classifier(inputs).argmax(1).eq(targets).sum())
+            logits = torch.cat(
+                [
+                    classifier(dataset[list(range(begin, min(begin + 512, len(dataset))))][0])
+                    for begin in range(0, len(dataset), 512)
+                ]
+            )
             eval_seconds += time.perf_counter() - began
-            accuracy[name], counts[name] = 100.0 * correct / len(dataset), len(dataset)
+            accuracy[name], counts[name] = 100.0 * float(logits.argmax(1).eq(labels).float().mean()), len(dataset)
+            if name == "id_test":
+                id_test = (logits, labels)
+    base_to_new = {}
+    logits, labels = id_test
+    for half, classes in (("base", glyphs_shift.BASE_CLASSES), ("new", glyphs_shift.NEW_CLASSES)):
+        inside = torch.isin(labels, torch.tensor(classes))
+        columns = torch.tensor(classes)
+        predicted = columns[logits[inside][:, columns].argmax(1)]
+        base_to_new[half] = 100.0 * float(predicted.eq(labels[inside]).float().mean())
+    base_to_new["hm"] = 2 * base_to_new["base"] * base_to_new["new"] / (base_to_new["base"] + base_to_new["new"])
     ood = [value for name, value in accuracy.items() if name.startswith("ood_")]
     report = {
         "model": GLYPH_CLIP,
@@ -53,6 +65,7 @@ def main() -> None:
         "templates": list(templates),
         "accuracy": accuracy,
         "ood_avg": sum(ood) / len(ood),
+        "base_to_new_zero_shot": base_to_new,
         "images": counts,
         "generation_seconds": generation_seconds,
         "eval_seconds": eval_seconds,
