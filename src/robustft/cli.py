@@ -332,7 +332,7 @@ def pretrain_digits(
 @app.command("pretrain-clip")
 def pretrain_clip(
     out: Annotated[Path, typer.Option(help="where to write the checkpoint")] = Path("glyph-clip.safetensors"),
-    steps: Annotated[int, typer.Option(help="optimiser steps")] = 400,
+    steps: Annotated[int, typer.Option(help="optimiser steps")] = 160,
 ) -> None:
     """Re-create the built-in tiny CLIP (glyph-clip) by contrastive pretraining on captioned renderings (CPU)."""
     from robustft.pretrain import pretrain_glyph_clip

@@ -88,14 +88,14 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 def pretrain_glyph_clip(
     out: Path,
-    steps: int = 400,
+    steps: int = 160,
     batch_size: int = 128,
     lr: float = 1e-3,
-    warmup_steps: int = 30,
+    warmup_steps: int = 16,
     weight_decay: float = 0.1,
     seed: int = 0,
     log: Callable[[str], None] = print,
-    log_every: int = 25,
+    log_every: int = 20,
     label_weight: float = 1.0,
     unlocked_blocks: int = 2,
 ) -> Path:

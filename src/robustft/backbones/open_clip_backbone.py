@@ -113,7 +113,8 @@ def load_open_clip(
 
     Args:
         name: an open_clip model name (``ViT-B-32``, ``ViT-B-16-quickgelu``; see
-            ``open_clip.list_models()``; ``glyph-clip`` is the built-in benchmark's tiny CLIP) or the path of a model config ``.json`` (registered first,
+            ``open_clip.list_models()``; ``glyph-clip`` is the built-in tiny CLIP) or the path
+            of a model config ``.json`` (registered first,
             see ``register_open_clip_config``).
         checkpoint: local weights (open_clip's ``open_clip_model.safetensors`` /
             ``open_clip_pytorch_model.bin``, or a training checkpoint wrapped in ``state_dict``
