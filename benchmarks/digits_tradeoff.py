@@ -1,6 +1,8 @@
 """Does digits-shift show the robust fine-tuning trade-off? ZS vs FT (and the other methods) over seeds.
 
 Usage: python benchmarks/digits_tradeoff.py --seeds 0 1 2 --out benchmarks/results/digits_tradeoff.json
+       python benchmarks/digits_tradeoff.py --model glyph_clip --methods zeroshot,finetune,wise_ft \
+           --out benchmarks/results/glyphs_tradeoff.json   (the tiny CLIP on glyphs-shift)
 
 Writes per-seed results of every method and, per seed, whether FT beats ZS on ID while its OOD
 average falls below ZS's (the property the benchmark must have to rank robust methods).
@@ -21,11 +23,22 @@ import torch
 from robustft.demo import run_demo
 
 
+def above_line(curve: list[dict], zs: dict, ft: dict) -> bool:
+    """Whether every interior point of WiSE-FT's curve lies above the straight ZS-FT line in (ID, OOD avg)."""
+    inside = [point for point in curve if 0 < point["alpha"] < 1]
+    span = ft["id"] - zs["id"]
+    if not inside or span == 0:
+        return False
+    line = [zs["ood_avg"] + (point["id"] - zs["id"]) / span * (ft["ood_avg"] - zs["ood_avg"]) for point in inside]
+    return all(point["ood_avg"] > value for point, value in zip(inside, line, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", default="zeroshot,linear_probe,finetune,lp_ft")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits_tradeoff.json"))
+    parser.add_argument("--model", default="digits_vit", help="built-in model: digits_vit or glyph_clip")
     args = parser.parse_args()
     per_seed, start = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,6 +49,7 @@ def main() -> None:
                 methods=args.methods.split(","),
                 progress=False,
                 log=lambda message: None,
+                model=args.model,
             )
             methods = results["methods"]
             zs, ft = methods["zeroshot"], methods["finetune"]
@@ -47,6 +61,10 @@ def main() -> None:
                 "ft_ood_below_zs": ft["ood_avg"] < zs["ood_avg"],
                 "demo_seconds": results["total_seconds"],
             }
+            if "curve" in methods.get("wise_ft", {}):
+                curve = methods["wise_ft"]["curve"]
+                per_seed[seed]["wise_ft_curve"] = curve
+                per_seed[seed]["wise_ft_above_zs_ft_line"] = above_line(curve, zs, ft)
             print(json.dumps({"seed": seed, **per_seed[seed]}, indent=None))
     summary = {}
     for name in per_seed[args.seeds[0]]["methods"]:
@@ -59,7 +77,8 @@ def main() -> None:
             "ood_avg_std": statistics.pstdev(oods),
         }
     report = {
-        "benchmark": "digits_shift",
+        "benchmark": "glyphs_shift" if args.model == "glyph_clip" else "digits_shift",
+        "model": args.model,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

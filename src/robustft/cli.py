@@ -58,8 +58,11 @@ def demo(
     methods: Annotated[str | None, typer.Option(help="comma-separated subset of methods")] = None,
     epochs: Annotated[int | None, typer.Option(help="shorter budget (default: the recipe's)")] = None,
     seeds: Annotated[str | None, typer.Option(help="several seeds, e.g. 0,1,2 (runs in <out>/seed<k>/)")] = None,
+    model: Annotated[
+        str, typer.Option(help="built-in model: glyph_clip (tiny CLIP, glyphs-shift) or digits_vit (digits-shift)")
+    ] = "glyph_clip",
 ) -> None:
-    """Every registered method on the built-in digits-shift benchmark: leaderboard, report and plot."""
+    """Every registered method on a built-in benchmark (default: the tiny CLIP): leaderboard, report and plot."""
     from robustft.compare import parse_methods_option, parse_seeds_option, print_leaderboard
     from robustft.demo import run_demo
 
@@ -72,6 +75,7 @@ def demo(
         epochs=epochs,
         log=console.print,
         seeds=parse_seeds_option(seeds) if seeds else None,
+        model=model,
     )
     print_leaderboard(results["leaderboard"], console)
     console.print(f"total time: {time.perf_counter() - start:.1f}s; report: {out / 'report.md'}")
@@ -335,6 +339,18 @@ def pretrain_digits(
     from robustft.pretrain import pretrain_digits_vit
 
     pretrain_digits_vit(out, steps=steps, log=console.print)
+    console.print(f"wrote {out}")
+
+
+@app.command("pretrain-clip")
+def pretrain_clip(
+    out: Annotated[Path, typer.Option(help="where to write the checkpoint")] = Path("glyph-clip.safetensors"),
+    steps: Annotated[int, typer.Option(help="optimiser steps")] = 160,
+) -> None:
+    """Re-create the built-in tiny CLIP (glyph-clip) by contrastive pretraining on captioned renderings (CPU)."""
+    from robustft.pretrain import pretrain_glyph_clip
+
+    pretrain_glyph_clip(out, steps=steps, log=console.print)
     console.print(f"wrote {out}")
 
 

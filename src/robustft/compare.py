@@ -592,6 +592,10 @@ def build_leaderboard(
             "effective_robustness": mean_std([entry.get("effective_robustness") for entry in entries]),
             "ood": {split: mean_std([entry.get("ood", {}).get(split) for entry in entries]) for split in splits},
         }
+        if all("base_to_new" in entry for entry in entries):  # CoOp's base / new / harmonic mean
+            row["base_to_new"] = {
+                k: mean_std([entry["base_to_new"][k] for entry in entries]) for k in ("base", "new", "hm")
+            }
         if all("ece" in entry for entry in entries):
             row["ece_id"] = mean_std([entry["ece"].get("id_test") for entry in entries])
             row["ece_ood_avg"] = mean_std([_ece_ood_avg(entry) for entry in entries])

@@ -59,11 +59,15 @@ class ProtocolConfig(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description="protocol options, checked by the protocol")
 
 
+GLYPHS_SHIFT_SPLITS = ("train", "id_val", "id_test", "ood_fonts", "ood_corruption", "ood_color", "ood_rotation")
+"""The splits glyphs-shift generates (``data.split_sizes`` keys); the generator reads them from here."""
+
+
 class DataConfig(StrictModel):
     """The built-in benchmark, or image folders / CSV manifests with named splits, or a multi-domain
     dataset (``digits_domains`` or ``root/<domain>/<class>/``) split leave-one-domain-out by ``domains``."""
 
-    benchmark: Literal["digits_shift", "digits_domains"] | None = "digits_shift"
+    benchmark: Literal["digits_shift", "digits_domains", "glyphs_shift"] | None = "digits_shift"
     root: Path | None = None
     splits: dict[str, str] = Field(default_factory=dict, description="split name -> folder or .csv")
     class_names: list[str] | str | None = None
@@ -86,9 +90,26 @@ class DataConfig(StrictModel):
     protocol: ProtocolConfig | None = Field(
         None, description="a benchmark protocol over a local copy (imagenet, cifar, domainnet, iwildcam, ...)"
     )
+    base_to_new: bool = Field(False, description="benchmark glyphs_shift: train on the base classes, test base and new")
+    base_classes: list[str] | None = Field(
+        None, description="base_to_new: the base classes by name (default: the benchmark's half of digits and letters)"
+    )
+    split_sizes: dict[str, PositiveInt] | None = Field(
+        None, description="benchmark glyphs_shift: images per split (train, id_val, id_test, ood_*), e.g. smaller"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        generated = self.benchmark == "glyphs_shift" and self.protocol is None and self.domains is None
+        if (self.base_to_new or self.base_classes is not None) and not generated:
+            raise ValueError(
+                "data.base_to_new: only benchmark glyphs_shift has a base/new split "
+                "(CoOp's datasets: data.protocol coop with options.base_to_new)"
+            )
+        if self.base_classes is not None and not self.base_to_new:
+            raise ValueError("data.base_classes: set data.base_to_new: true to use it")
+        if self.split_sizes is not None:
+            self._check_split_sizes()
         if self.protocol is not None:
             return self._protocol_source()
         if self.domains is not None or self.benchmark == "digits_domains":
@@ -106,6 +127,13 @@ class DataConfig(StrictModel):
             raise ValueError(f"must be auto or a count >= 0, got {value}")
         return value
 
+    def _check_split_sizes(self) -> None:
+        if self.benchmark != "glyphs_shift" or self.protocol is not None or self.domains is not None:
+            raise ValueError("data.split_sizes: only benchmark glyphs_shift generates its splits")
+        unknown = sorted(set(self.split_sizes or {}) - set(GLYPHS_SHIFT_SPLITS))
+        if unknown:
+            raise ValueError(f"data.split_sizes: unknown split '{unknown[0]}' (splits: {', '.join(GLYPHS_SHIFT_SPLITS)})")
+
     def _protocol_source(self) -> DataConfig:
         sources = {"benchmark": self.benchmark, "splits": self.splits, "domains": self.domains, "root": self.root}
         others = [key for key, value in sources.items() if value]
@@ -118,7 +146,7 @@ class DataConfig(StrictModel):
             raise ValueError("benchmark digits_domains needs data.domains.test_domain (or use robustft domainbed)")
         if self.splits:
             raise ValueError("data.domains and data.splits are exclusive (the domains protocol makes the splits)")
-        if self.benchmark == "digits_shift":
+        if self.benchmark in ("digits_shift", "glyphs_shift"):
             raise ValueError("data.domains needs benchmark digits_domains, or benchmark: null and data.root")
         if self.benchmark is None and self.root is None:
             raise ValueError("data.domains: set data.root to a folder of domain folders (root/<domain>/<class>/)")

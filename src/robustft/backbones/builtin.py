@@ -29,3 +29,24 @@ def digits_vit(num_classes: int = 10) -> VisionTransformer:
 def packaged_checkpoint() -> Path:
     """Path of the committed pretrained checkpoint (produced by ``robustft pretrain-digits``)."""
     return Path(str(resources.files("robustft") / "assets" / DIGITS_VIT_CHECKPOINT))
+
+
+GLYPH_CLIP = "glyph-clip"
+GLYPH_CLIP_CHECKPOINT = "glyph-clip.safetensors"
+
+
+def register_glyph_clip() -> str:
+    """Register the tiny CLIP's model config with open_clip (idempotent) and return its name.
+
+    open_clip builds models only from named configs, so the packaged ``assets/glyph-clip.json`` is added to
+    its registry; then ``model: {source: open_clip, name: glyph-clip, checkpoint: ...}`` loads the tiny
+    CLIP through exactly the code any OpenCLIP checkpoint takes.
+    """
+    from robustft.backbones.open_clip_backbone import register_open_clip_config
+
+    return register_open_clip_config(Path(str(resources.files("robustft") / "assets" / f"{GLYPH_CLIP}.json")))
+
+
+def glyph_clip_checkpoint() -> Path:
+    """Path of the committed tiny CLIP (produced by ``robustft pretrain-clip``)."""
+    return Path(str(resources.files("robustft") / "assets" / GLYPH_CLIP_CHECKPOINT))

@@ -21,6 +21,7 @@ import open_clip
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 from torch import Tensor, nn
 
+from robustft.backbones.builtin import GLYPH_CLIP, register_glyph_clip
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.backbones.classifier import ImageClassifier, linear_head
 from robustft.backbones.templates import load_templates
@@ -110,7 +111,8 @@ def load_open_clip(
 
     Args:
         name: an open_clip model name (``ViT-B-32``, ``ViT-B-16-quickgelu``; see
-            ``open_clip.list_models()``) or the path of a model config ``.json`` (registered first,
+            ``open_clip.list_models()``; ``glyph-clip`` is the built-in tiny CLIP) or the path
+            of a model config ``.json`` (registered first,
             see ``register_open_clip_config``).
         checkpoint: local weights (open_clip's ``open_clip_model.safetensors`` /
             ``open_clip_pytorch_model.bin``, or a training checkpoint wrapped in ``state_dict``
@@ -125,6 +127,8 @@ def load_open_clip(
     """
     if name.endswith(".json"):
         name = register_open_clip_config(name)
+    if name == GLYPH_CLIP:
+        register_glyph_clip()
     if name not in open_clip.list_models():
         raise ConfigError(f"model.name: unknown open_clip model '{name}'; see open_clip.list_models()")
     kwargs = dict(model_kwargs or {})

@@ -139,6 +139,8 @@ def _load_configured_splits(config: DataConfig, data_config: dict[str, Any]) -> 
         raw = cached_tensors(digits_shift.build_splits, packages)()  # generated once per version of them
         splits = {name: TensorSplit(x, y, data_config, name) for name, (x, y) in raw.items()}
         return splits, list(digits_shift.CLASS_NAMES)
+    if config.benchmark == "glyphs_shift":
+        return _glyphs_shift_splits(config, data_config)
     from robustft.data.folders import load_image_splits
 
     return load_image_splits(
@@ -160,6 +162,10 @@ def resolve_class_names(config: DataConfig) -> list[str]:
         from robustft.data.digits_shift import CLASS_NAMES
 
         return list(CLASS_NAMES)
+    if config.benchmark == "glyphs_shift":
+        from robustft.data.glyphs_shift import benchmark_class_names
+
+        return benchmark_class_names(config.base_to_new, config.base_classes)
     from robustft.data.folders import resolve_class_names as from_folder
 
     if "train" not in config.splits:
@@ -167,3 +173,22 @@ def resolve_class_names(config: DataConfig) -> list[str]:
     root = config.root
     first = config.splits["train"] if root is None else root / config.splits["train"]
     return from_folder(config.class_names, first)
+
+
+def _glyphs_shift_splits(config: DataConfig, data_config: dict[str, Any]) -> tuple[dict[str, Dataset], list[str]]:
+    """The built-in CLIP benchmark; under ``data.base_to_new`` CoOp's base / new splits with their class spaces."""
+    from robustft.class_spaces import declare, subset
+    from robustft.data import glyphs_shift
+
+    class_names = glyphs_shift.benchmark_class_names(config.base_to_new, config.base_classes)
+    raw = glyphs_shift.build_splits(sizes=config.split_sizes)
+    if not config.base_to_new:
+        return {name: TensorSplit(x, y, data_config, name) for name, (x, y) in raw.items()}, class_names
+    raw, num_base, num_classes = glyphs_shift.base_to_new_splits(raw, config.base_classes)
+    splits = {name: TensorSplit(x, y, data_config, name) for name, (x, y) in raw.items()}
+    for name in ("train", "id_val", "id_test"):
+        declare(splits[name], subset(range(num_base)))
+    declare(splits["ood_new"], subset(range(num_base, num_classes)))
+    splits["id_test"].report_as = "base"
+    splits["ood_new"].report_as = "new"
+    return splits, class_names

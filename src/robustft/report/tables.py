@@ -229,6 +229,16 @@ INFERENCE_COST = Column("inference ×", "inference_cost", lambda entry: entry.ge
 ECE_ID = Column("ECE ID", "ece_id", lambda entry: entry.get("ece_id", split_value(entry, "ece")))
 ECE_OOD_AVG = Column("ECE OOD avg", "ece_ood_avg", lambda entry: entry.get("ece_ood_avg", ood_mean(entry, "ece")))
 
+# CoOp's base-to-new evaluation: base-class accuracy, new-class accuracy (zero-shot rows), their harmonic mean.
+BASE_TO_NEW = tuple(
+    Column(header, f"base_to_new_{key}", lambda entry, key=key: (entry.get("base_to_new") or {}).get(key))
+    for header, key in (("base", "base"), ("new", "new"), ("HM", "hm"))
+)
+
+
+def base_to_new_columns(methods: Mapping[str, Mapping[str, Any]]) -> list[Column]:
+    return list(BASE_TO_NEW) if any("base_to_new" in entry for entry in methods.values()) else []
+
 
 def _calibrated(methods: Mapping[str, Mapping[str, Any]]) -> bool:
     return any("ece" in entry or "ece_id" in entry or "ece_ood_avg" in entry for entry in methods.values())
@@ -257,7 +267,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
     results = add_effective_robustness(upgrade_results(results))
     methods = results["methods"]
     columns = [ID, *map(split_column, ood_splits(methods)), OOD_AVG, EFFECTIVE_ROBUSTNESS, TRAIN_SECONDS]
-    columns += [TRAINABLE_PARAMS, *declared_columns(methods)]
+    columns += [TRAINABLE_PARAMS, *declared_columns(methods), *base_to_new_columns(methods)]
     if _calibrated(methods):
         columns += [ECE_ID, ECE_OOD_AVG]
     return build_table(columns, methods, ordered_methods(methods), several_seeds=False)
@@ -288,7 +298,9 @@ def leaderboard_tables(leaderboard: Mapping[str, Any]) -> dict[str, Table]:
     order, several = ordered_methods(methods), several_seeds(leaderboard)
     accuracy = [KIND, ID, OOD_AVG, EFFECTIVE_ROBUSTNESS, *map(split_column, ood_splits(methods))]
     tables = {
-        "leaderboard": build_table([*accuracy, *declared_columns(methods)], methods, order, several),
+        "leaderboard": build_table(
+            [*accuracy, *declared_columns(methods), *base_to_new_columns(methods)], methods, order, several
+        ),
         "cost": build_table([TRAIN_SECONDS, PEAK_MEMORY, TRAINABLE_PARAMS, INFERENCE_COST], methods, order, several),
     }
     calibrated = [name for name in order if "ece_id" in methods[name] or "ece_ood_avg" in methods[name]]
