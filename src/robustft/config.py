@@ -132,7 +132,8 @@ class DataConfig(StrictModel):
             raise ValueError("data.split_sizes: only benchmark glyphs_shift generates its splits")
         unknown = sorted(set(self.split_sizes or {}) - set(GLYPHS_SHIFT_SPLITS))
         if unknown:
-            raise ValueError(f"data.split_sizes: unknown split '{unknown[0]}' (splits: {', '.join(GLYPHS_SHIFT_SPLITS)})")
+            known = ", ".join(GLYPHS_SHIFT_SPLITS)
+            raise ValueError(f"data.split_sizes: unknown split '{unknown[0]}' (splits: {known})")
 
     def _protocol_source(self) -> DataConfig:
         sources = {"benchmark": self.benchmark, "splits": self.splits, "domains": self.domains, "root": self.root}
