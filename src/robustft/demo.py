@@ -43,10 +43,7 @@ BUILTIN_MODELS = ("glyph_clip", "digits_vit")
 # Adapter targets of the tiny CLIP: OpenCLIP's attention is nn.MultiheadAttention (fused in_proj_weight), which
 # the adapters' default qkv patterns (timm's nn.Linear) do not match, so the demo adapts the blocks' MLP linears.
 MODEL_METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "glyph_clip": {
-        "lora": {"target_modules": [r"mlp\.c_fc$", r"mlp\.c_proj$"]},
-        "mixture_of_adapters": {"target": r"mlp\.c_fc$", "kron_dim": 32},  # width 96: Kronecker factors of 32
-    },
+    "glyph_clip": {},
 }
 
 
