@@ -340,12 +340,13 @@ def execute_comparison(
             "running finetune too"
         )
         names = [*names, FINETUNED]
+    roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
+    names = preflight_comparison(base, names, seeds[0], roots[seeds[0]], settings, progress, prepared, log)
     statuses: list[dict[str, Any]] = []
     per_seed: dict[int, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     costs: dict[int, dict[str, dict[str, Any]]] = {}
     runs: dict[int, dict[str, str]] = {}
-    roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
     all_plans = [plan for seed in seeds for plan in plan_seed(base, names, seed, roots[seed], settings, progress)]
     launched = launcher.execute(launcher.comparison_tasks(all_plans), out, log) if launcher else {}
     for seed in seeds:
@@ -382,6 +383,55 @@ def execute_comparison(
     write_leaderboard(leaderboard, out)
     _write_report(leaderboard, per_seed[seeds[0]], out, title, log)
     return Comparison(leaderboard, per_seed, statuses)
+
+
+def preflight_comparison(
+    base: RunConfig,
+    names: list[str],
+    seed: int,
+    root: Path,
+    settings: CompareSection,
+    progress: bool,
+    prepared: Prepared | None,
+    log: Callable[[str], None],
+) -> list[str]:
+    """The methods to run after checking every run before the first starts (``robustft.preflight``).
+
+    Every method's config is planned on its own, so all bad options are reported at once; the model and
+    the data are loaded once and each method is asked whether it works on the model. A method that does
+    not is skipped with its reason (with the pairs built on it); a problem of the model, the data or a
+    reference run (zero-shot, fine-tune) stops the comparison before any run, every problem on one line.
+    Seeds change neither model nor data, so one seed's runs are checked; finished runs are not.
+    """
+    from robustft.preflight import PreflightError, Problem, check_runs
+
+    problems = []
+    for name in names:
+        try:
+            plan_seed(base, [name], seed, root, settings, progress)
+        except ConfigError as error:
+            problems.append(Problem(f"compare: {name}", str(error)))
+    if problems:
+        raise PreflightError(problems)
+    plans = plan_seed(base, names, seed, root, settings, progress)
+    pending = [plan for plan in plans if run_action(plan, set())[0] != "reuse"]
+    labelled = [(FINETUNED if plan.kind == "ingredient" else plan.config.name, plan.config) for plan in pending]
+    found = check_runs(labelled, log, prepared.model if prepared is not None else None)
+    found.raise_problems(include_incompatible=False)
+    reasons = found.incompatible
+    fatal = [Problem(f"compare: {name}", reasons[name]) for name in (ZERO_SHOT, FINETUNED) if name in reasons]
+    if fatal:
+        raise PreflightError(fatal)  # every method is measured against these two
+    kept = []
+    for name in names:
+        blocking = [part for part in (name, *(p for p in split_pair(name) if p)) if part in reasons]
+        if blocking:
+            log(f"{name}: skipped ({reasons[blocking[0]]})")
+        else:
+            kept.append(name)
+    if not kept:
+        raise ConfigError("--methods: none of the chosen methods can run on this model")
+    return kept
 
 
 class _SeedRunner:

@@ -27,7 +27,7 @@ from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
-from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
+from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError, UnsupportedModelError
 from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
@@ -66,7 +66,11 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
     """Load backbone and data, build the zero-shot classifier and the run context."""
     seed_everything(config.seed)
     device = resolve_device(config.train.device)
-    loaded = load_backbone(config.model)
+    try:
+        loaded = load_backbone(config.model)
+    except RobustftError as error:
+        raise_with_data_problems(config, error)
+        raise
     splits, class_names = load_splits(config.data, loaded.data_config)
 
     def embed_train(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +89,15 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
         model_spec=config.model.model_dump(mode="json"),
     )
     return Prepared(model, ctx, benchmark_name(config))
+
+
+def raise_with_data_problems(config: RunConfig, model_error: RobustftError) -> None:
+    """A model that fails to load and data that fail to read are reported together (one line each)."""
+    from robustft.preflight import PreflightError, check_runs
+
+    found = check_runs([(config.name, config)], log=_quiet)
+    if len(found.problems) > 1:
+        raise PreflightError(found.problems) from model_error
 
 
 @torch.no_grad()
@@ -143,6 +156,9 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
+    incompatible = method.check_model(model, config.model.model_dump(mode="json"))
+    if incompatible:
+        raise UnsupportedModelError(incompatible)
     created = make_run_directory(run_dir) if main else None
     with RunLock(run_dir) if main else nullcontext():
         with removed_on_failure(created):

@@ -84,6 +84,16 @@ class Method:
         """The key of this run in results.json; a post-hoc method over another method's run names the pair
         (``gmixout+vrf``)."""
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """Why this method cannot work on ``model``, or None: asked before any run of a command starts.
+
+        ``model`` is the loaded backbone with a plain head of the data's class count (``robustft.preflight``),
+        ``model_spec`` the run's ``model:`` section. A method that needs something of the model (a text tower,
+        layers its adapters target) says so here, so an incompatible run is skipped or refused up front, not
+        after minutes of other runs. Must be cheap and leave ``model`` unchanged.
+        """
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Change the model before training (freeze, add adapters); returns the model to train."""
         return model
