@@ -32,7 +32,7 @@ from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
 from robustft.methods import build_method, method_options
-from robustft.methods.base import Method, RunContext
+from robustft.methods.base import Method, PosthocMethod, RunContext
 from robustft.results_schema import declared_by, results_document
 from robustft.run_directory import (
     RunLock,
@@ -43,6 +43,7 @@ from robustft.run_directory import (
     removed_on_failure,
 )
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
+from robustft.weight_references import references_path, save_final_checkpoint
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 
@@ -156,6 +157,7 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
+    initial = None if method.trains else {key: value.detach().clone() for key, value in model.state_dict().items()}
     incompatible = method.check_model(model, config.model.model_dump(mode="json"))
     if incompatible:
         raise UnsupportedModelError(incompatible)
@@ -183,7 +185,7 @@ def fit(
             log(f"stopped after step {summary.steps} (train.stop_after); continue with --resume")
             return {}
         if main:
-            save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT)
+            save_predictor(predictor, method, run_dir, initial, log)
         scaling = config.evaluate.temperature_scaling
         with eval_memory_advice(config, ctx.device):
             metrics = evaluate_splits(
@@ -195,8 +197,29 @@ def fit(
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
         if main:
             write_results(run_dir, results, log)
+            if not config.train.keep_last_checkpoint:
+                (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)  # optimiser state: only a resume needs it
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def save_predictor(
+    predictor: nn.Module,
+    method: Method,
+    run_dir: Path,
+    initial: dict[str, torch.Tensor] | None,
+    log: Callable[[str], None],
+) -> None:
+    """``final.safetensors``: all of a trained predictor; of a run that trains nothing (zero-shot, post-hoc),
+    only what is new, the rest referenced to its model and input runs (``robustft.weight_references``)."""
+    path = run_dir / FINAL_CHECKPOINT
+    if initial is None:
+        save_state_dict_file(predictor.state_dict(), path)
+        return
+    inputs = method.input_runs() if isinstance(method, PosthocMethod) else []
+    sizes = save_final_checkpoint(predictor.state_dict(), path, initial, inputs)
+    if sizes["referenced"]:
+        log(f"{path}: {sizes['written'] / 2**20:.1f} MiB written, {sizes['referenced'] / 2**20:.1f} MiB referenced")
 
 
 def write_results(run_dir: Path, results: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -248,7 +271,11 @@ def start_run_directory(config: RunConfig, resume: bool, overwrite: bool = False
     """Clear what an earlier run left (all of it unless resuming; its results when overwriting) and write
     config.yaml, atomically. results.json goes first: a run replaced half-way never looks finished."""
     run_dir = config.run_dir
-    stale = [RESULTS_FILE, FINAL_CHECKPOINT] if overwrite or not resume else []
+    stale = (
+        [RESULTS_FILE, FINAL_CHECKPOINT, str(references_path(Path(FINAL_CHECKPOINT)))]
+        if overwrite or not resume
+        else []
+    )
     stale += [LAST_CHECKPOINT, METRICS_FILE] if not resume else []
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)

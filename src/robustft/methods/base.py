@@ -18,10 +18,11 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+from robustft.backbones.checkpoint_files import load_state_dict_strict
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.methods.registry import register_method  # noqa: F401  (method files import it from here)
+from robustft.weight_references import load_final_state
 
 Batch = tuple[Tensor, Tensor]
 
@@ -129,7 +130,7 @@ class Method:
         ``model`` is a freshly prepared model of the run's config. A predictor that is not a plain
         model of that architecture (an ensemble) overrides this to rebuild its own structure first.
         """
-        load_state_dict_strict(model, load_state_dict_file(checkpoint), checkpoint, what)
+        load_state_dict_strict(model, load_final_state(checkpoint, model), checkpoint, what)
         return model
 
     def state_dict(self) -> dict[str, Any]:
