@@ -60,6 +60,7 @@ from robustft.errors import ConfigError
 from robustft.files import atomic_write
 from robustft.methods import checked, get_method, list_methods
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor
+from robustft.progress import RunsProgress, results_summary
 from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
     leaderboard_csv,
     leaderboard_markdown,
@@ -349,6 +350,7 @@ def execute_comparison(
     runs: dict[int, dict[str, str]] = {}
     all_plans = [plan for seed in seeds for plan in plan_seed(base, names, seed, roots[seed], settings, progress)]
     launched = launcher.execute(launcher.comparison_tasks(all_plans), out, log) if launcher else {}
+    overall = RunsProgress(len(all_plans), log)
     for seed in seeds:
         root = roots[seed]
         plans = plan_seed(base, names, seed, root, settings, progress)
@@ -359,7 +361,11 @@ def execute_comparison(
         merged: dict[str, Any] = {"benchmark": None, "seed": seed, "methods": {}}
         costs[seed], runs[seed] = {}, {}
         for plan in plans:
+            label = f"{plan.config.name} ({plan.kind}, seed {seed})"
+            overall.started(label)
             results, status = seed_run.run(plan, redone)
+            entry_of_run = next(iter((results or {}).get("methods", {}).values()), {})
+            overall.finished(label, f"{status}: {results_summary(entry_of_run)}", timed=status == "fitted")
             entry = {"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status}
             if plan.run_dir in launched:  # run by a job: its status, not the read-back's
                 entry |= {"status": launched[plan.run_dir].status, "job_id": launched[plan.run_dir].job_id}

@@ -13,6 +13,7 @@ from robustft.class_spaces import bucket_accuracy, class_space_of, predicting_in
 from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
+from robustft.progress import advance_current
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def predict(
     for images, batch_labels in sequential_loader(dataset, batch_size, num_workers):
         logits.append(predictor(images.to(device, non_blocking=True)).float())
         labels.append(batch_labels)
+        advance_current()  # the open progress bar, if any (robustft.progress)
     if not labels:  # an empty shard (fewer samples than ranks)
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(labels)

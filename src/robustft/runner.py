@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from robustft import distributed
+from robustft import distributed, progress
 from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
@@ -178,7 +178,11 @@ def fit(
                     start_run_directory(config, resume, overwrite)
             engine = Engine(config.train, config.optim, config.data.batch_size)
             summary = engine.fit(method, model, ctx, resume=resume)
-        with eval_memory_advice(config, ctx.device):
+        shown = config.train.progress and main
+        with (
+            eval_memory_advice(config, ctx.device),
+            progress.phase(f"{method.name}: post-hoc", None, shown and not method.trains),
+        ):
             predictor = method.finalize(model, ctx)
         train_seconds = summary.previous_train_seconds + time.perf_counter() - start
         if summary.stopped_early:
@@ -187,7 +191,11 @@ def fit(
         if main:
             save_predictor(predictor, method, run_dir, initial, log)
         scaling = config.evaluate.temperature_scaling
-        with eval_memory_advice(config, ctx.device):
+        batches = progress.batch_count(ctx.splits, ctx.eval_batch_size)
+        with (
+            eval_memory_advice(config, ctx.device),
+            progress.phase(f"{method.result_name}: evaluating", batches, shown),
+        ):
             metrics = evaluate_splits(
                 predictor, ctx.splits, ctx.device, ctx.eval_batch_size, ctx.num_workers, temperature_scaling=scaling
             )
@@ -199,6 +207,8 @@ def fit(
             write_results(run_dir, results, log)
             if not config.train.keep_last_checkpoint:
                 (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)  # optimiser state: only a resume needs it
+            took = progress.format_seconds(time.perf_counter() - start)
+            log(f"{run_dir}: {method.result_name} finished in {took}: {progress.results_summary(entry)}")
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
 
