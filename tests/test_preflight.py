@@ -133,6 +133,8 @@ def test_runs_that_train_nothing_reference_their_sources_and_reload_hash_checked
         run_dir = tmp_path / name
         assert (run_dir / FINAL_CHECKPOINT).stat().st_size < model_bytes / 20, name
         references = json.loads(references_path(run_dir / FINAL_CHECKPOINT).read_text())["references"]
+        own = load_state_dict_file(run_dir / FINAL_CHECKPOINT) if name != "zeroshot" else {}
+        assert not any(".backbone." in key or key.startswith("backbone.") for key in own), name
         assert {reference["source"] for reference in references} == (
             {"initial"} if name == "zeroshot" else {"initial", "run"}
         )

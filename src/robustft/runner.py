@@ -149,6 +149,7 @@ def fit(
             return finished
         if resume:
             check_resumable(run_dir)
+    pristine = prepared is not None  # the caller's model stays as prepared: its tensors are the initial weights
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -157,7 +158,10 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
-    initial = None if method.trains else {key: value.detach().clone() for key, value in model.state_dict().items()}
+    initial = None
+    if not method.trains:  # what a zero-shot or post-hoc predictor may reference instead of copying
+        source = prepared.model.state_dict() if pristine else model.state_dict()
+        initial = {key: value.detach() if pristine else value.detach().clone() for key, value in source.items()}
     incompatible = method.check_model(model, config.model.model_dump(mode="json"))
     if incompatible:
         raise UnsupportedModelError(incompatible)

@@ -52,13 +52,17 @@ def content_hash(state: Mapping[str, Tensor], keys: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _equal_under(state: Mapping[str, Tensor], prefix: str, source: Mapping[str, Tensor]) -> list[str] | None:
-    """The keys of ``state`` under ``prefix`` if they are exactly ``source``'s keys with bit-equal tensors."""
+def _equal_under(
+    state: Mapping[str, Tensor], prefix: str, source: Mapping[str, Tensor], source_prefix: str = ""
+) -> list[str] | None:
+    """The keys of ``state`` under ``prefix`` if they are exactly ``source``'s keys under ``source_prefix``
+    (prefixes swapped), with bit-equal tensors."""
     keys = [key for key in state if key.startswith(prefix)]
-    if not source or len(keys) != len(source):
+    theirs_keys = [key for key in source if key.startswith(source_prefix)]
+    if not keys or len(keys) != len(theirs_keys):
         return None
     for key in keys:
-        theirs = source.get(key[len(prefix) :])
+        theirs = source.get(source_prefix + key[len(prefix) :])
         mine = state[key]
         if theirs is None or theirs.dtype != mine.dtype or theirs.shape != mine.shape:
             return None
@@ -75,28 +79,38 @@ def save_final_checkpoint(
 ) -> dict[str, int]:
     """Write ``state`` to ``checkpoint``, referencing the parts equal to ``initial`` or an input run's final weights.
 
-    Candidate parts are the whole state and each top-level module (``zero_shot.``, ``finetuned.``); the input
-    runs are tried first, then ``initial``. Returns the bytes written and the bytes referenced.
+    An input run's final weights may be referenced whole or as a top-level module (``finetuned.``); input runs
+    that are lean themselves are not, so references never chain. Of ``initial`` only backbones are
+    referenced (``backbone.``, ``zero_shot.backbone.``): they are read from files and come back bit-equal,
+    whereas a zero-shot head is computed by forward passes, whose last bits may differ on another device, so
+    heads (a few KiB) are always written. Input runs are loaded one at a time. Returns the bytes written
+    and the bytes referenced.
     """
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent
-    prefixes = ["", *dict.fromkeys(key.split(".", 1)[0] + "." for key in state if "." in key)]
-    sources: list[tuple[dict[str, Any], Mapping[str, Tensor]]] = []
-    for run in input_runs:
-        run_state = load_final_state(Path(run) / FINAL_CHECKPOINT, initial_state=initial)
-        sources.append(({"source": "run", "run": os.path.relpath(Path(run).resolve(), run_dir.resolve())}, run_state))
-    if initial is not None:
-        sources.append(({"source": INITIAL}, initial))
-    references, covered = [], set()
-    for prefix in prefixes:
-        if any(key.startswith(prefix) for key in covered):
-            continue
-        for description, source in sources:
-            keys = _equal_under(state, prefix, source)
+    modules = ["", *dict.fromkeys(key.split(".", 1)[0] + "." for key in state if "." in key)]
+    backbones = list(dict.fromkeys(key[: key.index("backbone.") + 9] for key in state if "backbone." in key))
+    references: list[dict[str, Any]] = []
+    covered: set[str] = set()
+
+    def reference(description: dict[str, Any], source: Mapping[str, Tensor], pairs: list[tuple[str, str]]) -> None:
+        for prefix, source_prefix in pairs:
+            if any(key.startswith(prefix) or prefix.startswith(key) for key in covered):
+                continue
+            keys = _equal_under(state, prefix, source, source_prefix)
             if keys is not None:
-                references.append({**description, "prefix": prefix, "sha256": content_hash(state, sorted(keys))})
+                digest = content_hash(state, sorted(keys))
+                references.append({**description, "prefix": prefix, "source_prefix": source_prefix, "sha256": digest})
                 covered.update(keys)
-                break
+
+    for run in input_runs:
+        source_checkpoint = Path(run) / FINAL_CHECKPOINT
+        if references_path(source_checkpoint).is_file():
+            continue
+        where = os.path.relpath(Path(run).resolve(), run_dir.resolve())
+        reference({"source": "run", "run": where}, load_state_dict_file(source_checkpoint), [(m, "") for m in modules])
+    if initial is not None:
+        reference({"source": INITIAL}, initial, [(prefix, "backbone.") for prefix in backbones])
     own = {key: tensor for key, tensor in state.items() if key not in covered}
     sidecar = references_path(checkpoint)
     if references:
@@ -152,9 +166,12 @@ def load_final_state(
             part = load_final_state(source_checkpoint, initial_state=initial_state, depth=depth + 1)
             what = f"the run {source_dir}"
         else:
-            part = _initial_part(checkpoint, prefix, structure_state, initial_state)
+            part = _initial_part(checkpoint, prefix, reference.get("source_prefix", ""), structure_state, initial_state)
             what = "this run's model (model: section; its checkpoint file)"
-        mapped = {prefix + key: tensor for key, tensor in part.items()}
+        source_prefix = reference.get("source_prefix", "")
+        mapped = {
+            prefix + key[len(source_prefix) :]: tensor for key, tensor in part.items() if key.startswith(source_prefix)
+        }
         if content_hash(mapped, sorted(mapped)) != expected:
             raise CheckpointError(
                 f"{checkpoint}: the weights it references under '{prefix or '(all)'}' in {what} changed since "
@@ -179,11 +196,17 @@ def _own_tensors(checkpoint: Path) -> dict[str, Tensor]:
 def _initial_part(
     checkpoint: Path,
     prefix: str,
+    source_prefix: str,
     structure_state: Mapping[str, Tensor] | None,
     initial_state: Mapping[str, Tensor] | None,
 ) -> dict[str, Tensor]:
+    """The freshly built model's tensors for ``prefix`` (keyed under ``source_prefix``, as the model names them)."""
     if structure_state is not None:
-        part = {key[len(prefix) :]: value for key, value in structure_state.items() if key.startswith(prefix)}
+        part = {
+            source_prefix + key[len(prefix) :]: value
+            for key, value in structure_state.items()
+            if key.startswith(prefix)
+        }
         if part:
             return part
     if initial_state is not None:
