@@ -20,6 +20,7 @@ from robustft.backbones.checkpoint_files import load_state_dict_file, save_state
 from robustft.cli import main
 from robustft.compare import CompareSection, execute_comparison
 from robustft.config import parse_config
+from robustft.domainbed import plan_domainbed, skip_incompatible_methods
 from robustft.errors import CheckpointError
 from robustft.layout import FINAL_CHECKPOINT
 from robustft.preflight import PreflightError
@@ -78,6 +79,12 @@ def test_compare_skips_an_incompatible_method_up_front_and_runs_the_rest(user_fi
     assert "no nn.Linear layer of the model matches ['no_such_layer$']" in lines[skipped]
     assert set(comparison.leaderboard["methods"]) == {"zeroshot", "finetune", "linear_probe"}
     assert not (tmp_path / "cmp" / "seed0" / "lora").exists()
+    progress = [line for line in lines if line.startswith("[")]  # the comparison's runs done / total
+    assert progress[0].startswith("[1/3] zeroshot (zeroshot, seed 0): starting (elapsed ")
+    assert progress[-1].startswith("[3/3] linear_probe (trained, seed 0): fitted: ID ")
+    assert any(
+        line.startswith("[2/3] finetune (trained, seed 0): starting (elapsed ") and "ETA" in line for line in progress
+    )
 
 
 def test_compare_reports_every_bad_method_option_at_once_and_writes_nothing(user_files, tmp_path, monkeypatch, capsys):
@@ -158,3 +165,20 @@ def test_keep_last_checkpoint_keeps_the_optimiser_state(user_files, tmp_path):
     raw["train"]["keep_last_checkpoint"] = True
     fit(parse_config(raw), log=quiet)
     assert (tmp_path / "finetune" / "checkpoints" / "last.pt").is_file()
+
+
+def test_domainbed_drops_an_incompatible_method_from_the_plan_before_any_run(tmp_path):
+    raw = {
+        "name": "db",
+        "output_dir": str(tmp_path),
+        "train": {"steps": 2, "progress": False},
+        "domainbed": {"methods": ["finetune", "lora(target_modules=[no_such_layer$])"], "test_domains": ["coloured"]},
+    }
+    plan = plan_domainbed(raw)
+    lines: list[str] = []
+    skip_incompatible_methods(plan, lines.append)
+    assert [method.label for method in plan.methods] == ["finetune"]
+    assert {cell.method for cell in plan.cells} == {"finetune"}
+    skipped = [line for line in lines if line.startswith("lora-target_modules=")]
+    assert len(skipped) == 1 and ": skipped (method.target_modules: no nn.Linear" in skipped[0], lines
+    assert not (tmp_path / "db").exists()
