@@ -79,7 +79,7 @@ def test_wise_ft_over_a_mixout_run_interpolates_towards_that_run(small, tmp_path
 
 def test_output_ensemble_over_a_wrapped_predictor_uses_its_structure_and_reloads(small, tmp_path):
     base = _train(small, tmp_path, "test_wrapped_finetune")
-    loaded = load_run_predictor(small.model, base, small.ctx)
+    loaded = load_run_predictor(copy.deepcopy(small.model), base, small.ctx)  # the shared fixture stays pristine
     assert isinstance(loaded.predictor, ScaledLogits) and loaded.method == "test_wrapped_finetune"
     options = {"finetuned_run": str(base), "alphas": [1.0]}
     config = demo_config("output_ensemble", 0, tmp_path, name="ose", method_options=options, progress=False)
