@@ -17,6 +17,7 @@ from robustft.methods import get_method, method_options, registry
 from robustft.methods.base import Method
 from robustft.posthoc import WeightSpaceError, composed_name, load_run_predictor
 from robustft.runner import FINAL_CHECKPOINT, evaluate_run, fit
+from robustft.weight_references import load_final_state
 
 
 class ScaledLogits(nn.Module):
@@ -71,14 +72,14 @@ def test_wise_ft_over_a_mixout_run_interpolates_towards_that_run(small, tmp_path
     config = demo_config("wise_ft", 0, tmp_path, name="wise", method_options=options, progress=False)
     results = fit(config, log=quiet, prepared=small)
     assert list(results["methods"]) == ["mixout+wise_ft"]
-    final = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
+    final = load_final_state(config.run_dir / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     tuned = load_state_dict_file(base / FINAL_CHECKPOINT)
     assert all(bits_equal(final[key], tuned[key]) for key in tuned)
 
 
 def test_output_ensemble_over_a_wrapped_predictor_uses_its_structure_and_reloads(small, tmp_path):
     base = _train(small, tmp_path, "test_wrapped_finetune")
-    loaded = load_run_predictor(small.model, base, small.ctx)
+    loaded = load_run_predictor(copy.deepcopy(small.model), base, small.ctx)  # the shared fixture stays pristine
     assert isinstance(loaded.predictor, ScaledLogits) and loaded.method == "test_wrapped_finetune"
     options = {"finetuned_run": str(base), "alphas": [1.0]}
     config = demo_config("output_ensemble", 0, tmp_path, name="ose", method_options=options, progress=False)
@@ -110,7 +111,7 @@ def test_vrf_over_a_lora_run_uses_the_merged_lora_model(small, tmp_path):
     results = fit(config, log=quiet, prepared=small)
     assert list(results["methods"]) == ["lora+vrf"]
     merged = load_state_dict_file(base / FINAL_CHECKPOINT)
-    saved = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
+    saved = load_final_state(config.run_dir / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     finetuned = {key.removeprefix("finetuned."): value for key, value in saved.items() if key.startswith("finetuned.")}
     assert finetuned.keys() == merged.keys()  # a plain model: the adapters were merged at the LoRA run's finalize
     assert all(bits_equal(finetuned[key], merged[key]) for key in merged)
@@ -120,7 +121,7 @@ def test_vrf_over_a_mixture_of_adapters_run_keeps_the_routed_adapters_and_reload
     base = _train(small, tmp_path, "mixture_of_adapters")
     config = demo_config("vrf", 0, tmp_path, name="vrf", method_options={"finetuned_run": str(base)}, progress=False)
     entry = fit(config, log=quiet, prepared=small)["methods"]["mixture_of_adapters+vrf"]
-    saved = load_state_dict_file(config.run_dir / FINAL_CHECKPOINT)
+    saved = load_final_state(config.run_dir / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     assert any(key.startswith("finetuned.") and "router" in key for key in saved)
     method = get_method("vrf")(method_options(config))
     predictor = method.load_predictor(copy.deepcopy(small.model), config.run_dir / FINAL_CHECKPOINT, "the model")

@@ -74,7 +74,7 @@ def clip_run(tmp_path_factory):
         "data": write_shapes_dataset(root / "data"),
         "method": {"name": "flyp"},
         "optim": {"lr": 1e-3, "weight_decay": 0.0},
-        "train": {"steps": 4, "progress": False, "checkpoint_every": 4},
+        "train": {"steps": 4, "progress": False, "checkpoint_every": 4, "keep_last_checkpoint": True},
     }
     config = parse_config(raw)
     return config, prepare_run(config, log=quiet), model

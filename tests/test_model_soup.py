@@ -15,6 +15,7 @@ from robustft.errors import ConfigError
 from robustft.methods import build_method
 from robustft.posthoc import WeightSpaceError, find_runs, greedy_soup, uniform_soup
 from robustft.runner import FINAL_CHECKPOINT
+from robustft.weight_references import load_final_state
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_greedy_soup_is_never_below_its_best_ingredient(small, ingredients, tmp_
     assert entry["kept"][0] == best and set(entry["kept"]) <= set(map(str, ingredients))
     kept_steps = [step["val_accuracy"] for step in entry["greedy_steps"] if step["kept"]]
     assert kept_steps == sorted(kept_steps)
-    saved = load_state_dict_file(tmp_path / "greedy_soup" / FINAL_CHECKPOINT)
+    saved = load_final_state(tmp_path / "greedy_soup" / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     expected = uniform_soup([_state(Path(run)) for run in entry["kept"]])
     assert all(bits_equal(saved[key], expected[key]) for key in expected)
 
@@ -112,7 +113,8 @@ def test_uniform_soup_run_of_identical_runs_is_that_run(small, ingredients, tmp_
     for copy in copies:
         shutil.copytree(ingredients[1], copy)
     entry = posthoc_run(small, tmp_path, "uniform_soup", ingredients=[ingredients[1], *copies])
-    saved, original = load_state_dict_file(tmp_path / "uniform_soup" / FINAL_CHECKPOINT), _state(ingredients[1])
+    saved = load_final_state(tmp_path / "uniform_soup" / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
+    original = _state(ingredients[1])
     assert all(bits_equal(saved[key], original[key]) for key in original)
     assert entry["trainable_params"] == 0 and len(entry["ingredients"]) == 3
 

@@ -17,6 +17,7 @@ from robustft.logit_cache import LogitCache
 from robustft.methods import get_method
 from robustft.methods.output_ensemble import OutputEnsemble, ensemble_log_probs
 from robustft.runner import FINAL_CHECKPOINT
+from robustft.weight_references import load_final_state
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_output_ensemble_run_matches_its_endpoints_and_reloads(small, finetuned_
     assert entry["alpha"] == max(curve, key=lambda a: (curve[a]["id_val"], -a))
     chosen = curve[entry["alpha"]]
     assert (entry["id"], entry["ood"]) == (chosen["id"], chosen["ood"])  # the saved predictor is the picked one
-    saved = load_state_dict_file(tmp_path / "output_ensemble" / FINAL_CHECKPOINT)
+    saved = load_final_state(tmp_path / "output_ensemble" / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     assert saved["alpha"].item() == pytest.approx(entry["alpha"])
     assert {key.split(".", 1)[0] for key in saved} == {"zero_shot", "finetuned", "alpha"}
     method = get_method("output_ensemble")()

@@ -26,6 +26,7 @@ from robustft.posthoc import (
 )
 from robustft.report import write_report
 from robustft.runner import FINAL_CHECKPOINT
+from robustft.weight_references import load_final_state
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_wise_ft_run_sweeps_picks_and_saves_the_chosen_model(small, finetuned_ru
     zero_shot = evaluate_splits(small.model, small.ctx.splits, small.ctx.device)
     assert curve[0.0]["id"] == zero_shot["id_test"]["accuracy"]  # theta(0) is ZS
     assert entry["trainable_params"] == 0 and entry["finetuned_run"] == str(finetuned_run)
-    saved = load_state_dict_file(tmp_path / "wise_ft" / FINAL_CHECKPOINT)
+    saved = load_final_state(tmp_path / "wise_ft" / FINAL_CHECKPOINT, initial_state=small.model.state_dict())
     expected = interpolate_state_dicts(*thetas, entry["alpha"])
     assert all(bits_equal(saved[key], expected[key]) for key in expected)
     on_disk = json.loads((tmp_path / "wise_ft" / "wise_ft_curve.json").read_text())

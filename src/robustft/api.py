@@ -81,13 +81,15 @@ def classifier_from_metadata(config: Any, metadata: FinalMetadata, final: Path) 
     from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
     from robustft.backbones.classifier import ImageClassifier, linear_head
     from robustft.backbones.factory import load_backbone
+    from robustft.weight_references import load_final_state
 
-    state = load_state_dict_file(final)
-    if "head.weight" not in state:
+    own = load_state_dict_file(final)
+    if "head.weight" not in own:
         raise CheckpointError(f"{final}: metadata says {IMAGE_CLASSIFIER} but the file has no head.weight")
     loaded = load_backbone(config.model)
-    head = linear_head(state["head.weight"], state.get("head.bias"))
+    head = linear_head(own["head.weight"], own.get("head.bias"))
     model = ImageClassifier(loaded.backbone, head, metadata.normalize_features, loaded.data_config)
+    state = load_final_state(final, structure=model, own=own)  # lean runs reference their backbone
     load_state_dict_strict(model, state, final, f"{config.model.source} model '{config.model.name}'")
     return model
 

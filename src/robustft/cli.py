@@ -499,7 +499,11 @@ def main() -> None:
     try:
         app()
     except RobustftError as error:
-        print(f"robustft: error: {_one_line(error)}", file=sys.stderr)
+        from robustft.preflight import PreflightError
+
+        lines = [problem.line() for problem in error.problems] if isinstance(error, PreflightError) else []
+        for line in lines or [_one_line(error)]:  # preflight: every problem found, one line each
+            print(f"robustft: error: {line}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # a write robustft does not wrap itself: full disk, read-only or missing folder
         if error.errno not in _USER_ERRNOS:

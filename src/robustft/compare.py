@@ -64,6 +64,7 @@ from robustft.errors import ConfigError
 from robustft.files import atomic_write
 from robustft.methods import checked, get_method, list_methods
 from robustft.posthoc import combines_runs, is_finished_run, load_run_predictor, randomly_initialised
+from robustft.progress import RunsProgress, results_summary
 from robustft.report import (  # noqa: F401 (the leaderboard's renderers, also importable from here as before)
     leaderboard_csv,
     leaderboard_markdown,
@@ -346,12 +347,13 @@ def execute_comparison(
             "running finetune too"
         )
         names = [*names, FINETUNED]
+    roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
+    names = preflight_comparison(base, names, seeds[0], roots[seeds[0]], settings, progress, prepared, log)
     statuses: list[dict[str, Any]] = []
     per_seed: dict[int, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     costs: dict[int, dict[str, dict[str, Any]]] = {}
     runs: dict[int, dict[str, str]] = {}
-    roots = {seed: out / f"seed{seed}" if seed_dirs else out for seed in seeds}
     seed_free = not randomly_initialised(base.model.model_dump(mode="json"))
     first_results: dict[str, dict[str, Any]] = {}  # seed-independent runs of the first seed, by method
 
@@ -361,6 +363,7 @@ def execute_comparison(
     all_plans = [plan for seed in seeds for plan in plan_seed(base, names, seed, roots[seed], settings, progress)]
     all_plans = [plan for plan in all_plans if not shared(plan)]
     launched = launcher.execute(launcher.comparison_tasks(all_plans), out, log) if launcher else {}
+    overall = RunsProgress(len(all_plans), log)
     for seed in seeds:
         root = roots[seed]
         plans = plan_seed(base, names, seed, root, settings, progress)
@@ -384,7 +387,11 @@ def execute_comparison(
                 costs[seed][results["name"]] = costs[seeds[0]][results["name"]]
                 runs[seed][results["name"]] = results["run_dir"]
                 continue
+            label = f"{plan.config.name} ({plan.kind}, seed {seed})"
+            overall.started(label)
             results, status = seed_run.run(plan, redone)
+            entry_of_run = next(iter((results or {}).get("methods", {}).values()), {})
+            overall.finished(label, f"{status}: {results_summary(entry_of_run)}", timed=status == "fitted")
             entry = {"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status}
             if plan.run_dir in launched:  # run by a job: its status, not the read-back's
                 entry |= {"status": launched[plan.run_dir].status, "job_id": launched[plan.run_dir].job_id}
@@ -416,6 +423,55 @@ def execute_comparison(
 def is_seed_independent(plan: PlannedRun) -> bool:
     """A single-model run whose method declares its result independent of the seed (zero-shot, linear probe)."""
     return plan.kind != "posthoc" and "+" not in plan.method and get_method(plan.method).seed_independent
+
+
+def preflight_comparison(
+    base: RunConfig,
+    names: list[str],
+    seed: int,
+    root: Path,
+    settings: CompareSection,
+    progress: bool,
+    prepared: Prepared | None,
+    log: Callable[[str], None],
+) -> list[str]:
+    """The methods to run after checking every run before the first starts (``robustft.preflight``).
+
+    Every method's config is planned on its own, so all bad options are reported at once; the model and
+    the data are loaded once and each method is asked whether it works on the model. A method that does
+    not is skipped with its reason (with the pairs built on it); a problem of the model, the data or a
+    reference run (zero-shot, fine-tune) stops the comparison before any run, every problem on one line.
+    Seeds change neither model nor data, so one seed's runs are checked; finished runs are not.
+    """
+    from robustft.preflight import PreflightError, Problem, check_runs
+
+    problems = []
+    for name in names:
+        try:
+            plan_seed(base, [name], seed, root, settings, progress)
+        except ConfigError as error:
+            problems.append(Problem(f"compare: {name}", str(error)))
+    if problems:
+        raise PreflightError(problems)
+    plans = plan_seed(base, names, seed, root, settings, progress)
+    pending = [plan for plan in plans if run_action(plan, set())[0] != "reuse"]
+    labelled = [(FINETUNED if plan.kind == "ingredient" else plan.config.name, plan.config) for plan in pending]
+    found = check_runs(labelled, log, prepared.model if prepared is not None else None)
+    found.raise_problems(include_incompatible=False)
+    reasons = found.incompatible
+    fatal = [Problem(f"compare: {name}", reasons[name]) for name in (ZERO_SHOT, FINETUNED) if name in reasons]
+    if fatal:
+        raise PreflightError(fatal)  # every method is measured against these two
+    kept = []
+    for name in names:
+        blocking = [part for part in (name, *(p for p in split_pair(name) if p)) if part in reasons]
+        if blocking:
+            log(f"{name}: skipped ({reasons[blocking[0]]})")
+        else:
+            kept.append(name)
+    if not kept:
+        raise ConfigError("--methods: none of the chosen methods can run on this model")
+    return kept
 
 
 class _SeedRunner:

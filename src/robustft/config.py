@@ -186,6 +186,9 @@ class TrainConfig(StrictModel):
     log_every: PositiveInt = 10
     stop_after: PositiveInt | None = Field(None, description="stop after this many steps (resumable)")
     progress: bool = True
+    keep_last_checkpoint: bool = Field(
+        False, description="keep checkpoints/last.pt (optimiser state) once the run has finished"
+    )
     tensorboard: bool = Field(
         False, description="also log metrics.jsonl's scalars to <run_dir>/tensorboard (pip install robustft[tracking])"
     )

@@ -190,8 +190,9 @@ def _check_reserved(keys: Sequence[str], where: str) -> None:
 
 def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan:
     """Validate the config and every run it implies; see the module docstring for the layout."""
-    from robustft.methods import checked, get_method
+    from robustft.methods import get_method
     from robustft.posthoc import combines_runs
+    from robustft.preflight import PreflightError, Problem, checked_config
 
     raw = copy.deepcopy(raw)
     try:
@@ -230,6 +231,7 @@ def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan
 
     plan = DomainBedPlan(source, base.output_dir / base.name, domains, list(test_domains), section, methods)
     points = expand_grid(list(section.grid.items())) or [{}]
+    problems: list[Problem] = []
     for test_domain in plan.test_domains:
         for trial in range(section.trials):
             for method in methods:
@@ -242,8 +244,10 @@ def plan_domainbed(raw: dict[str, Any], source: str = "config") -> DomainBedPlan
                     run = _run_raw(raw, method, point, test_domain, trial, section.holdout_fraction)
                     run.update(name=name, output_dir=str(output_dir))
                     where = f"{source} [{method.label}/{test_domain}/trial{trial}/{name}]"
-                    candidates.append(Candidate(name, point, checked(parse_config(run, source=where), where)))
+                    candidates.append(Candidate(name, point, checked_config(run, where, problems)))
                 plan.cells.append(Cell(method.label, test_domain, trial, candidates))
+    if problems:
+        raise PreflightError(problems)  # every bad run of the grid at once
     return plan
 
 
@@ -271,6 +275,7 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print, launc
     ``launcher`` (:mod:`robustft.launchers`) runs them as jobs first."""
     from robustft.sweep import run_point
 
+    skip_incompatible_methods(plan, log)
     candidates = [candidate for cell in plan.cells for candidate in cell.candidates]
     launched = launcher.execute(launcher.point_tasks(candidates), plan.directory, log) if launcher else {}
 
@@ -291,6 +296,27 @@ def run_domainbed(plan: DomainBedPlan, log: Callable[[str], None] = print, launc
             if candidate.status != "skipped":
                 write_outputs(plan)
     return write_outputs(plan)
+
+
+def skip_incompatible_methods(plan: DomainBedPlan, log: Callable[[str], None]) -> None:
+    """Check one unfinished run of each method before any starts (``robustft.preflight``): the runs of one
+    method share model and data root, and the domain splits were checked when planning. A method that
+    cannot work on the model is dropped from the plan with its reason; a model or data problem stops here."""
+    from robustft.preflight import check_runs
+
+    first: dict[str, Candidate] = {}
+    for cell in plan.cells:
+        for candidate in cell.candidates:
+            if not (candidate.run_dir / "results.json").is_file():
+                first.setdefault(cell.method, candidate)
+    found = check_runs([(label, candidate.config) for label, candidate in first.items()], log)
+    found.raise_problems(include_incompatible=False)
+    for label, reason in found.incompatible.items():
+        log(f"{label}: skipped ({reason})")
+    if len(found.incompatible) == len(plan.methods):
+        found.raise_problems()
+    plan.methods = [method for method in plan.methods if method.label not in found.incompatible]
+    plan.cells = [cell for cell in plan.cells if cell.method not in found.incompatible]
 
 
 def _mean_and_stderr(values: Sequence[float]) -> dict[str, Any]:

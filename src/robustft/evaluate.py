@@ -15,6 +15,7 @@ from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
 from robustft.logit_cache import LogitCache, predictor_fingerprint
+from robustft.progress import advance_current
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -48,6 +49,7 @@ def predict(
         for images, batch_labels in loader:
             logits.append(predictor(images.to(device, non_blocking=True)).float())
             labels.append(batch_labels)
+            advance_current()  # the open progress bar, if any (robustft.progress)
     if not labels:  # an empty shard (fewer samples than ranks)
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(labels)

@@ -312,11 +312,12 @@ def load_run_weights(model: nn.Module, run_dir: str | Path, ctx: RunContext) -> 
         CheckpointError: the checkpoint is missing or its keys/shapes do not match ``model``
             (another architecture or head); one line naming the file.
     """
-    from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+    from robustft.backbones.checkpoint_files import load_state_dict_strict
+    from robustft.weight_references import load_final_state
 
     path = final_checkpoint(run_dir)
     check_same_initialisation(Path(run_dir), ctx.model_spec, ctx.seed)
-    state = load_state_dict_file(path)
+    state = load_final_state(path, model)
     load_state_dict_strict(model, state, path, f"this run's model ({ctx.model_spec.get('name', 'model')})")
     return state
 

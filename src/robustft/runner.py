@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from robustft import distributed
+from robustft import distributed, progress
 from robustft.backbones.checkpoint_files import save_state_dict_file
 from robustft.backbones.classifier import ImageClassifier
 from robustft.backbones.factory import build_classifier, load_backbone
@@ -27,13 +27,13 @@ from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import auto_num_workers, load_splits, sequential_loader
 from robustft.engine import Engine, OutOfMemoryError, autocast_dtype, resolve_device, seed_everything
-from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError
+from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError, UnsupportedModelError
 from robustft.evaluate import autocast_context, evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
 from robustft.logit_cache import LogitCache
 from robustft.methods import build_method, method_options
-from robustft.methods.base import Method, RunContext
+from robustft.methods.base import Method, PosthocMethod, RunContext
 from robustft.results_schema import declared_by, results_document
 from robustft.run_directory import (
     RunLock,
@@ -47,6 +47,7 @@ from robustft.run_metadata import final_metadata
 from robustft.safe_io import read_json_object, read_jsonl, read_yaml_mapping
 from robustft.statistics import PREDICTIONS_FILE, accuracy_intervals, correctness, save_predictions, stack_seeds
 from robustft.tracking import flat_params, log_evaluation
+from robustft.weight_references import references_path, save_final_checkpoint
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 
@@ -70,7 +71,11 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
     """Load backbone and data, build the zero-shot classifier and the run context."""
     seed_everything(config.seed)
     device = resolve_device(config.train.device)
-    loaded = load_backbone(config.model)
+    try:
+        loaded = load_backbone(config.model)
+    except RobustftError as error:
+        raise_with_data_problems(config, error)
+        raise
     splits, class_names = load_splits(config.data, loaded.data_config)
 
     def embed_train(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +97,15 @@ def prepare_run(config: RunConfig, log: Callable[[str], None] = print) -> Prepar
         logit_cache=LogitCache(),
     )
     return Prepared(model, ctx, benchmark_name(config))
+
+
+def raise_with_data_problems(config: RunConfig, model_error: RobustftError) -> None:
+    """A model that fails to load and data that fail to read are reported together (one line each)."""
+    from robustft.preflight import PreflightError, check_runs
+
+    found = check_runs([(config.name, config)], log=_quiet)
+    if len(found.problems) > 1:
+        raise PreflightError(found.problems) from model_error
 
 
 @torch.no_grad()
@@ -142,6 +156,7 @@ def fit(
             return finished
         if resume:
             check_resumable(run_dir)
+    pristine = prepared is not None  # the caller's model stays as prepared: its tensors are the initial weights
     if prepared is None:
         prepared = prepare_run(config, log)
         model = prepared.model
@@ -150,6 +165,13 @@ def fit(
         model = copy.deepcopy(prepared.model)
     ctx = prepared.ctx.for_run(run_dir, config.seed, log)
     check_class_count(model, ctx.class_names)
+    initial = None
+    if not method.trains:  # what a zero-shot or post-hoc predictor may reference instead of copying
+        source = prepared.model.state_dict() if pristine else model.state_dict()
+        initial = {key: value.detach() if pristine else value.detach().clone() for key, value in source.items()}
+    incompatible = method.check_model(model, config.model.model_dump(mode="json"))
+    if incompatible:
+        raise UnsupportedModelError(incompatible)
     created = make_run_directory(run_dir) if main else None
     with RunLock(run_dir) if main else nullcontext():
         with removed_on_failure(created):
@@ -167,7 +189,11 @@ def fit(
                     start_run_directory(config, resume, overwrite)
             engine = Engine(config.train, config.optim, config.data.batch_size)
             summary = engine.fit(method, model, ctx, resume=resume)
-        with eval_memory_advice(config, ctx.device):
+        shown = config.train.progress and main
+        with (
+            eval_memory_advice(config, ctx.device),
+            progress.phase(f"{method.name}: post-hoc", None, shown and not method.trains),
+        ):
             predictor = method.finalize(model, ctx)
         train_seconds = summary.previous_train_seconds + time.perf_counter() - start
         if summary.stopped_early:
@@ -175,10 +201,14 @@ def fit(
             return {}
         if main:
             metadata = final_metadata(predictor, ctx.model_spec, ctx.class_names, method.result_name)
-            save_state_dict_file(predictor.state_dict(), run_dir / FINAL_CHECKPOINT, metadata)
+            save_predictor(predictor, method, run_dir, initial, log, metadata)
         scaling = config.evaluate.temperature_scaling
         predictions: dict[str, Any] = {}
-        with eval_memory_advice(config, ctx.device):
+        batches = progress.batch_count(ctx.splits, ctx.eval_batch_size)
+        with (
+            eval_memory_advice(config, ctx.device),
+            progress.phase(f"{method.result_name}: evaluating", batches, shown),
+        ):
             metrics = evaluate_splits(
                 predictor,
                 ctx.splits,
@@ -198,8 +228,32 @@ def fit(
             write_results(run_dir, results, log, predictions)
             params = flat_params(resolved_config(config))
             log_evaluation(config.train, run_dir, params, entry, method.result_name, summary.steps, log)
+            if not config.train.keep_last_checkpoint:
+                (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)  # optimiser state: only a resume needs it
+            took = progress.format_seconds(time.perf_counter() - start)
+            log(f"{run_dir}: {method.result_name} finished in {took}: {progress.results_summary(entry)}")
         distributed.barrier()  # the run directory is complete before any rank returns
     return results
+
+
+def save_predictor(
+    predictor: nn.Module,
+    method: Method,
+    run_dir: Path,
+    initial: dict[str, torch.Tensor] | None,
+    log: Callable[[str], None],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """``final.safetensors``: all of a trained predictor; of a run that trains nothing (zero-shot, post-hoc),
+    only what is new, the rest referenced to its model and input runs (``robustft.weight_references``)."""
+    path = run_dir / FINAL_CHECKPOINT
+    if initial is None:
+        save_state_dict_file(predictor.state_dict(), path, metadata)
+        return
+    inputs = method.input_runs() if isinstance(method, PosthocMethod) else []
+    sizes = save_final_checkpoint(predictor.state_dict(), path, initial, inputs, metadata)
+    if sizes["referenced"]:
+        log(f"{path}: {sizes['written'] / 2**20:.1f} MiB written, {sizes['referenced'] / 2**20:.1f} MiB referenced")
 
 
 def write_results(
@@ -264,7 +318,11 @@ def start_run_directory(config: RunConfig, resume: bool, overwrite: bool = False
     """Clear what an earlier run left (all of it unless resuming; its results when overwriting) and write
     config.yaml, atomically. results.json goes first: a run replaced half-way never looks finished."""
     run_dir = config.run_dir
-    stale = [RESULTS_FILE, FINAL_CHECKPOINT] if overwrite or not resume else []
+    stale = (
+        [RESULTS_FILE, FINAL_CHECKPOINT, str(references_path(Path(FINAL_CHECKPOINT)))]
+        if overwrite or not resume
+        else []
+    )
     stale += [LAST_CHECKPOINT, METRICS_FILE] if not resume else []
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import yaml
 from robustft.config import RunConfig, apply_overrides, parse_config, read_config_yaml, set_key
 from robustft.errors import ConfigError
 from robustft.files import atomic_write
-from robustft.methods import checked
+from robustft.preflight import PreflightError, check_runs, checked_config
 
 GridAxis = tuple[str, list[Any]]
 MANIFEST = "sweep.json"
@@ -136,7 +136,7 @@ def plan_sweep(config: Path | str, axes: Sequence[GridAxis], overrides: list[str
     apply_overrides(base_raw, overrides or [])
     base = parse_config(copy.deepcopy(base_raw), source=str(config))
     directory = base.output_dir / base.name
-    points = []
+    points, problems = [], []
     for point in expand_grid(axes):
         name = point_name(point)
         raw = copy.deepcopy(base_raw)
@@ -144,7 +144,9 @@ def plan_sweep(config: Path | str, axes: Sequence[GridAxis], overrides: list[str
             set_key(raw, key, copy.deepcopy(value), option="--grid")
         raw.update(name=name, output_dir=str(directory))
         where = f"{config} [{name}]"
-        points.append(SweepPoint(name, point, checked(parse_config(raw, source=where), where)))
+        points.append(SweepPoint(name, point, checked_config(raw, where, problems)))
+    if problems:
+        raise PreflightError(problems)  # every bad point at once, not the first one
     names = [point.name for point in points]
     if len(set(names)) != len(names):
         raise ConfigError(f"--grid: two points get the same run name ({names}); use distinct values")
@@ -164,6 +166,8 @@ def run_sweep(
     ``prepared``), which is what a cold start of each run would rebuild identically.
     """
     sweep = plan_sweep(config, axes, overrides)
+    pending = [point for point in sweep.points if not (point.run_dir / "results.json").is_file()]
+    check_runs([(f"{config} [{point.name}]", point.config) for point in pending], log).raise_problems()
     launched = launcher.execute(launcher.point_tasks(sweep.points), sweep.directory, log) if launcher else {}
     cache: dict[str, Any] = {}
     for i, point in enumerate(sweep.points, 1):

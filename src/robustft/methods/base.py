@@ -18,11 +18,12 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
+from robustft.backbones.checkpoint_files import load_state_dict_strict
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.logit_cache import LogitCache
 from robustft.methods.registry import register_method  # noqa: F401  (method files import it from here)
+from robustft.weight_references import load_final_state
 
 Batch = tuple[Tensor, Tensor]
 
@@ -93,6 +94,16 @@ class Method:
         """The key of this run in results.json; a post-hoc method over another method's run names the pair
         (``gmixout+vrf``)."""
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """Why this method cannot work on ``model``, or None: asked before any run of a command starts.
+
+        ``model`` is the loaded backbone with a plain head of the data's class count (``robustft.preflight``),
+        ``model_spec`` the run's ``model:`` section. A method that needs something of the model (a text tower,
+        layers its adapters target) says so here, so an incompatible run is skipped or refused up front, not
+        after minutes of other runs. Must be cheap and leave ``model`` unchanged.
+        """
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Change the model before training (freeze, add adapters); returns the model to train."""
         return model
@@ -128,7 +139,7 @@ class Method:
         ``model`` is a freshly prepared model of the run's config. A predictor that is not a plain
         model of that architecture (an ensemble) overrides this to rebuild its own structure first.
         """
-        load_state_dict_strict(model, load_state_dict_file(checkpoint), checkpoint, what)
+        load_state_dict_strict(model, load_final_state(checkpoint, model), checkpoint, what)
         return model
 
     def state_dict(self) -> dict[str, Any]:

@@ -97,6 +97,15 @@ class Flyp(Method):
         self.tokens: Tensor | None = None  # [classes, templates, context] caption token ids
         self.tokenizer: Any = None
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """FLYP's contrastive loss needs the text tower of a CLIP-style model."""
+        if model_spec.get("source") != "open_clip":
+            return (
+                f"method flyp: needs a CLIP-style model with a text tower (model.source: open_clip); "
+                f"model '{model_spec.get('name')}' (source {model_spec.get('source')}) has none"
+            )
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         from robustft.backbones.templates import load_templates
 

@@ -171,6 +171,16 @@ class GMixout(Method):
     def scale(self) -> float:
         return self.config.scale if self.config.scale is not None else 1.0 / (1.0 - self.config.p)
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The tensors ``scope`` / ``include`` / ``exclude`` pick must exist on this model."""
+        cfg = self.config
+        if not select_parameters(model, cfg.scope, cfg.include, cfg.exclude):
+            return (
+                f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
+                f"include={cfg.include!r}"
+            )
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)

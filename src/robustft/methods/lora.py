@@ -11,11 +11,15 @@ trained head) are also written alone to ``<run_dir>/adapter.safetensors`` + ``.j
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator
 from torch import nn
 
 from robustft.adapters import ADAPTER_FILE, DEFAULT_LORA_TARGETS, inject_lora, merge_lora, save_adapter
+from robustft.adapters.targets import select_linear_layers
 from robustft.config import MethodConfig
+from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, register_method
 
 
@@ -43,6 +47,14 @@ class Lora(Method):
 
     name = "lora"
     config_cls = LoraConfig
+
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The adapter target finder's answer: does any layer of ``model`` match ``target_modules``?"""
+        try:
+            select_linear_layers(model, self.config.target_modules)
+        except ConfigError as error:
+            return str(error)
+        return None
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config

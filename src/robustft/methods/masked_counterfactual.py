@@ -154,6 +154,14 @@ class MaskedCounterfactual(Method):
         self.layout: PatchLayout | None = None
         self.share_forward = False
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The CAM needs a ViT whose patch layout ``robustft.cam`` can read."""
+        try:
+            patch_layout(model)
+        except ValueError as error:
+            return f"method masked_counterfactual: {error}"
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         if not isinstance(model, ImageClassifier):
             raise ConfigError(f"method masked_counterfactual needs an ImageClassifier, got {type(model).__name__}")

@@ -140,6 +140,15 @@ class Mixout(Method):
     report_columns = ("active_params",)
     config_cls = MixoutConfig
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The tensors ``scope`` / ``include`` / ``exclude`` pick must exist on this model."""
+        cfg = self.config
+        if not select_parameters(model, cfg.scope, cfg.include, cfg.exclude):
+            return (
+                f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} include={cfg.include!r}"
+            )
+        return None
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
         names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)

@@ -24,7 +24,10 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from robustft.adapters import DEFAULT_QKV_TARGET, inject_mixture, mixture_layers
+from robustft.adapters.mixture import choose_blocks
+from robustft.adapters.targets import select_linear_layers
 from robustft.config import MethodConfig
+from robustft.errors import ConfigError
 from robustft.methods.base import Batch, Method, RunContext, record_preset, register_method
 
 
@@ -74,6 +77,16 @@ class MixtureOfAdaptersMethod(Method):
 
     name = "mixture_of_adapters"
     config_cls = MixtureOfAdaptersConfig
+
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The adapter target finder's answer for ``target``, and whether ``blocks`` picks among its matches."""
+        try:
+            choose_blocks(
+                len(select_linear_layers(model, [self.config.target], option="method.target")), self.config.blocks
+            )
+        except ConfigError as error:
+            return str(error)
+        return None
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         model.requires_grad_(False)

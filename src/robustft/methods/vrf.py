@@ -24,6 +24,7 @@ from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
 from robustft.methods.base import OneRunInputs, PosthocMethod, RunContext, register_method
 from robustft.posthoc import LoadedRun, composed_name, finetuned_structure, load_run_predictor
+from robustft.weight_references import load_final_state
 
 Distance = Literal["squared_l2", "l2"]
 # Temperatures are searched on log T within these bounds (NLL may keep falling as T -> 0 on a split the
@@ -539,6 +540,7 @@ class Vrf(PosthocMethod):
         members = torch.zeros(state["zsf_embeddings"].shape, device=device)
         finetuned = finetuned_structure(model, self.config.finetuned_run)
         predictor = VrfPredictor(model, finetuned, members, k=1, a=0.0, b=1.0).to(device)
+        state = load_final_state(checkpoint, predictor, own=state)  # the two models are references
         load_state_dict_strict(predictor, state, checkpoint, f"a VRF predictor of {what}")
         return predictor
 
