@@ -76,7 +76,7 @@ def test_compare_skips_an_incompatible_method_up_front_and_runs_the_rest(user_fi
     skipped = next(i for i, line in enumerate(lines) if line.startswith("lora: skipped ("))
     first_run = next(i for i, line in enumerate(lines) if ": running into " in line)
     assert skipped < first_run, lines
-    assert "no nn.Linear layer of the model matches ['no_such_layer$']" in lines[skipped]
+    assert "no nn.Linear layer or attention projection of the model matches ['no_such_layer$']" in lines[skipped]
     assert set(comparison.leaderboard["methods"]) == {"zeroshot", "finetune", "linear_probe"}
     assert not (tmp_path / "cmp" / "seed0" / "lora").exists()
     progress = [line for line in lines if line.startswith("[")]  # the comparison's runs done / total
