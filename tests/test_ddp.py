@@ -145,18 +145,21 @@ def runs(tmp_path_factory):
     return fit_both_ways(tmp_path_factory.mktemp("ddp"), RUNS, ONE_PROCESS_RUNS)
 
 
+@pytest.mark.slow  # the shared 2-process runs: ~200 s on 2 cores; test_distributed covers DDP in CI
 def test_ddp_with_accumulation_under_no_sync_equals_one_process(runs):
     difference = max_difference(runs, "finetune_accumulated")
     print(f"finetune, grad_accumulation 2: max |2 processes (ddp) - 1 process| = {difference:.3g}")
     assert difference < TOLERANCE
 
 
+@pytest.mark.slow  # the shared 2-process runs: ~200 s on 2 cores; test_distributed covers DDP in CI
 def test_ddp_looking_for_unused_parameters_equals_the_hand_written_all_reduce(runs):
     difference = max_difference(runs, "mixture_of_adapters", runs / "world2" / "mixture_of_adapters_allreduce")
     print(f"mixture_of_adapters: max |ddp - allreduce| on 2 processes = {difference:.3g}")
     assert difference < TOLERANCE
 
 
+@pytest.mark.slow  # the shared 2-process runs: ~200 s on 2 cores; test_distributed covers DDP in CI
 def test_each_run_took_its_gradient_path(runs):
     modes = torch.load(runs / "modes.pt")
     assert modes["finetune_accumulated"] == ["gradients averaged over 2 processes by ddp"]

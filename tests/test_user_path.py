@@ -44,7 +44,8 @@ def model_section(kind: str, root: Path) -> dict:
         save_state_dict_file(open_clip.create_model("ViT-B-32", pretrained=None, **CLIP).state_dict(), checkpoint)
         return {"source": "open_clip", "name": str(config), "checkpoint": str(checkpoint), "templates": ["a {}."]}
     name, kwargs = ("vit_tiny_patch16_224", VIT) if kind == "vit" else ("resnet18", RESNET)
-    save_state_dict_file(timm.create_model(name, pretrained=False, **kwargs).state_dict(), checkpoint)
+    model = timm.create_model(name, pretrained=False, num_classes=2, **kwargs)  # its head: the user's two classes
+    save_state_dict_file(model.state_dict(), checkpoint)
     return {"source": "timm", "name": name, "checkpoint": str(checkpoint), "model_kwargs": kwargs}
 
 
@@ -95,11 +96,12 @@ def test_a_users_folder_and_model_through_every_command(kind, tmp_path, monkeypa
         assert 0 <= leaderboard["methods"][row]["id"]["mean"] <= 100, row
 
     reported = tmp_path / "report"
-    cli(monkeypatch, capsys, "report", *(str(out / row) for row in sorted(rows)), "--out", str(reported))
+    runs = out / "seed0"  # compare writes each seed's runs under seed<k>/
+    cli(monkeypatch, capsys, "report", *(str(runs / row) for row in sorted(rows)), "--out", str(reported))
     html = (reported / "report.html").read_text()
     assert "How to read" in html and "± 0.00" not in html
 
-    finetuned = out / "finetune"
+    finetuned = runs / "finetune"
     loaded = robustft.load(finetuned)
     assert loaded.class_names == ["circle", "square"]
     reference = loaded.predictor(images())
@@ -116,10 +118,10 @@ def test_a_users_folder_and_model_through_every_command(kind, tmp_path, monkeypa
     if kind == "vit":
         peft = pytest.importorskip("peft")
         adapter = tmp_path / "adapter"
-        cli(monkeypatch, capsys, "export", str(out / "lora"), str(adapter), "--to", "peft")
+        cli(monkeypatch, capsys, "export", str(runs / "lora"), str(adapter), "--to", "peft")
         base = timm.create_model(f"local-dir:{adapter / 'base'}", pretrained=True).eval()
         tuned = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
-        torch.testing.assert_close(tuned(images()), robustft.load(out / "lora").predictor(images()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tuned(images()), robustft.load(runs / "lora").predictor(images()), atol=1e-5, rtol=0)
 
     if kind != "resnet":  # the CAM reads the image tower's attention
         cams = tmp_path / "cam"
