@@ -1,6 +1,6 @@
 """glyphs-shift: the built-in CLIP benchmark, digits and letters with captions, and its distribution shifts.
 
-Every seed paper fine-tunes CLIP, so the built-in benchmark needs what CLIP needs: captioned images to
+The methods of docs/methods.md fine-tune CLIP, so the built-in benchmark needs what CLIP needs: captioned images to
 pretrain a text tower contrastively, class names a zero-shot head is built from, and classes that
 fine-tuning never sees (base-to-new). Nothing can be downloaded, so the images are rendered from the
 TrueType fonts bundled with matplotlib (and scikit-learn's handwritten digit scans), with the fonts,
