@@ -12,10 +12,11 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustft.backbones.builtin import DIGITS_DATA_CONFIG, digits_vit, packaged_checkpoint
 from robustft.backbones.checkpoint_files import load_state_dict_file, save_state_dict_file
@@ -26,6 +27,29 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(DIGITS_DATA_CONFIG["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(DIGITS_DATA_CONFIG["std"]).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
+
+
+def _warmup_cosine_adamw(
+    named: list[tuple[str, nn.Parameter]],
+    no_decay_name: str,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    steps: int,
+    **adamw: Any,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay on biases, norms and parameters named ``no_decay_name``; linear warm-up, cosine."""
+    decay = [p for n, p in named if p.ndim >= 2 and no_decay_name not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and no_decay_name not in n)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, **adamw)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def pretrain_digits_vit(
@@ -41,18 +65,9 @@ def pretrain_digits_vit(
     """Train ``digits_vit`` from scratch on the pretraining stream and save it as safetensors."""
     torch.manual_seed(seed)
     model = digits_vit()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    optimizer, scheduler = _warmup_cosine_adamw(
+        list(model.named_parameters()), "pos_embed", lr, weight_decay, warmup_steps, steps
     )
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start, running = time.time(), 0.0
@@ -135,21 +150,9 @@ def pretrain_glyph_clip(
         locked = key in image_tower and not any(key.startswith(block) for block in trained_blocks)
         parameter.requires_grad_(not locked or key.startswith("visual.ln_post"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
+    optimizer, scheduler = _warmup_cosine_adamw(
+        named, "embedding", lr, weight_decay, warmup_steps, steps, betas=(0.9, 0.98), eps=1e-6
     )
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed)
     class_prompts = tokenizer([f"a photo of the {name}." for name in CLASS_NAMES])
     model.train()
