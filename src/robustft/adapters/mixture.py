@@ -68,7 +68,10 @@ class CosineRouter(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(2.0)))
 
     def forward(self, tokens: Tensor) -> Tensor:
-        similarity = F.normalize(self.projection(tokens), dim=-1) @ F.normalize(self.expert_embeddings, dim=0)
+        # normalize(P x) @ m = (P x @ m) / |P x|: the division is on [N, E], not on the [N, 256] projection.
+        projected = self.projection(tokens)
+        norms = torch.linalg.vector_norm(projected, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+        similarity = (projected @ F.normalize(self.expert_embeddings, dim=0)) / norms
         return similarity * self.log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()
 
 
