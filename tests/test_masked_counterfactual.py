@@ -162,7 +162,9 @@ def test_shared_cam_forward_back_propagates_into_the_weights_only(digits_prepare
     assert method.share_forward
     image_gradients = []
     patch_projection = model.backbone.patch_embed.proj
-    handle = patch_projection.register_full_backward_hook(lambda module, grad_in, grad_out: image_gradients.append(grad_in[0]))
+    handle = patch_projection.register_full_backward_hook(
+        lambda module, grad_in, grad_out: image_gradients.append(grad_in[0])
+    )
     loss, _ = method.loss(model, _train_batches(digits_prepared, 1)[0], 0)
     loss.backward()
     handle.remove()

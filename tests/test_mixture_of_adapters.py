@@ -20,7 +20,7 @@ from robustft.adapters import (
     mixture_layers,
     route_top1,
 )
-from robustft.adapters.mixture import MAX_LOG_TEMPERATURE, grouped_dispatch_supported
+from robustft.adapters.mixture import grouped_dispatch_supported
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.errors import ConfigError
@@ -208,7 +208,11 @@ def test_router_logits_are_the_scaled_cosine_of_the_projection():
     torch.testing.assert_close(router(tokens), expected, rtol=1e-6, atol=1e-6)
     cotangent = torch.randn(40, 4)
     inputs = [tokens, *router.parameters()]
-    for a, b in zip(torch.autograd.grad(router(tokens), inputs, cotangent), torch.autograd.grad(expected, inputs, cotangent)):
+    ours, reference = (
+        torch.autograd.grad(router(tokens), inputs, cotangent),
+        torch.autograd.grad(expected, inputs, cotangent),
+    )
+    for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 

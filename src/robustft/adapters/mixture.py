@@ -240,7 +240,7 @@ class KAdaptationExperts(nn.Module):
         return update.view(n, count, -1).transpose(0, 1).reshape(count, -1) + self.bias.to(dtype)
 
     def factor_products(self) -> Tensor:
-        """``[n, E, in/n, out/n]``: ``L_ei R'_ei`` of every rule ``i`` and expert ``e`` (rank columns masked by owner)."""
+        """``[n, E, in/n, out/n]``: ``L_ei R'_ei`` of every rule ``i`` and expert ``e`` (columns masked by owner)."""
         owner = F.one_hot(self.rank_owner, len(self.ranks)).t().to(self.left.dtype)  # [E, sum r]
         return (self.left.unsqueeze(1) * owner[None, :, None, :]) @ self.right.unsqueeze(1)
 
