@@ -80,7 +80,7 @@ PLAIN_PREDICTOR = {
 # Non-trained methods built here over the FT predictor of the same run and measured.
 MEASURED_POSTHOC = ("output_ensemble", "vrf")
 NUM_CLASSES = 10
-BUILTIN_RUNS = {"digits": "digits_vit", "glyph-clip": "glyph-clip"}  # --model: the built-in benchmark runs
+BUILTIN_RUNS = {"digits": "digits_vit", "glyph-clip": "glyph_clip"}  # --model: the built-in benchmark runs
 VRF_A, VRF_B = 1.5, 0.6  # sigmoid centre and width: they change the weights, not the cost
 
 
@@ -282,13 +282,13 @@ def interleaved_steps(names: list[str], args: argparse.Namespace, run_dir: Path)
             model = method.prepare(copy.deepcopy(setup.model).to(device), ctx)
             method.setup(model, ctx)
             engine = Engine(setup.config.train, setup.config.optim, args.batch)
-            total = (args.warmup + args.steps) * args.rounds
+            total = (args.warmup + args.steps) * max(args.rounds, 1)
             session = engine.start(method, model, repeat_batch(setup.images, setup.labels), device, total)
             model.train()
             steps[name] = session.step
         except Exception as error:
             failed[name] = {"error": one_line(error)}
-    times = interleaved_times(steps, args.warmup, args.steps * args.rounds, device)
+    times = interleaved_times(steps, args.warmup, args.steps * max(args.rounds, 1), device)
     reference = times.get("finetune")
     results: dict[str, dict[str, Any]] = dict(failed)
     for name, seconds in times.items():
@@ -457,7 +457,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (and timed inference rounds)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat every method this often (FT in each round)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every method this often (FT in each round); 0: interleaved step times only, no memory pass",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated registry names (default: all registered)")
     parser.add_argument("--zsf-size", type=int, default=10000, help="members of VRF's random zero-shot-failure set")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -511,7 +516,8 @@ def main() -> None:
                 print(f"round {round_index} {name}", json.dumps(measured[name]), flush=True)
             rounds.append(measured)
     if trained:
-        methods |= combine_rounds(rounds, args.batch)
+        if rounds:
+            methods |= combine_rounds(rounds, args.batch)
         for name, measured in interleaved.items():
             if "error" in measured:
                 methods[name].setdefault("error", measured["error"])
