@@ -252,8 +252,8 @@ class KAdaptationExperts(nn.Module):
 
 
 def grouped_dispatch_supported(tokens: Tensor, in_features: int, out_features: int) -> bool:
-    """Whether ``dispatch_top1`` runs here: CPU tensors (``grouped_mm`` documents bf16 on SM80+ CUDA only, so
-    other devices keep the factored path) with 16-byte aligned rows (feature counts multiples of 4)."""
+    """Whether KAdaptation's grouped dispatch runs here: CPU tensors (``grouped_mm`` documents bf16 on SM80+ CUDA
+    only, so other devices keep the factored path) with 16-byte aligned rows (feature counts multiples of 4)."""
     return tokens.device.type == "cpu" and in_features % 4 == 0 and out_features % 4 == 0
 
 
@@ -261,7 +261,7 @@ def sort_by_expert(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """Token order grouping the tokens by expert (stable) and the ``int32`` end of each expert's range.
 
     ``tokens[order]`` times ``grouped_mm(..., offs=ends)`` multiplies each token by its own expert's matrix
-    only; computed on the device, no host-device sync."""
+    only; the ranges stay a tensor (``offs``), nothing is read back to Python."""
     order = torch.argsort(expert, stable=True)
     return order, torch.bincount(expert, minlength=num_experts).cumsum(0).to(torch.int32)
 
