@@ -144,12 +144,22 @@ def interleaved_times(
 
 
 def time_summary(seconds: list[float]) -> dict[str, float]:
-    """Median and minimum of a run's timed calls (the minimum: the least disturbed call)."""
-    return {"median": statistics.median(seconds), "min": min(seconds), "samples": len(seconds)}
+    """Median, minimum and mean of a run's timed calls (the minimum: the least disturbed call)."""
+    return {
+        "median": statistics.median(seconds),
+        "min": min(seconds),
+        "mean": statistics.mean(seconds),
+        "samples": len(seconds),
+    }
 
 
 def ratio_summary(seconds: list[float], reference: list[float]) -> dict[str, float]:
     """``reference`` time over ``seconds`` (above 1: faster than the reference), per round then the median,
-    and the ratio of the minima; the calls of one round ran back to back, so they saw the same load."""
+    and the ratios of the minima and of the means; the calls of one round ran back to back, so they saw the same
+    load."""
     per_round = [ref / value for ref, value in zip(reference, seconds, strict=True)]
-    return {"median": statistics.median(per_round), "of_min": min(reference) / min(seconds)}
+    return {
+        "median": statistics.median(per_round),
+        "of_min": min(reference) / min(seconds),
+        "of_mean": statistics.mean(reference) / statistics.mean(seconds),
+    }

@@ -7,8 +7,9 @@ Usage:
 The method adds a CAM forward and a backward to the attention maps (student, eval mode), a second
 student forward/backward on the counterfactual images and a teacher forward. Each timed step is
 what the engine does: loss, backward, grad clipping, AdamW step. FT and the method alternate
-step by step on the same batches, so machine noise hits both; median and minimum step times
-are reported (the minimum is the least disturbed on a shared machine).
+step by step on the same batches (``bench_support.interleaved_times``), so machine noise hits both;
+median, minimum and mean step times are reported (the minimum is the least disturbed on a shared
+machine), the ratio as the median of the per-round ratios, with the machine's load before and after.
 ``--model vit_base_patch16_224`` builds a randomly initialised ViT-B/16 (nothing downloaded), so
 the same script measures the GPU case. Results are merged into the JSON under a key per setting.
 """
@@ -21,11 +22,10 @@ import itertools
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from bench_support import engine_session, synchronize
+from bench_support import engine_session, interleaved_times, machine_load, ratio_summary, time_summary
 from torch import nn
 
 from robustft.backbones.classifier import ImageClassifier
@@ -54,20 +54,12 @@ def timm_setup(name: str, batch: int, num_classes: int = 1000) -> tuple[ImageCla
 
 
 def timed_steps(method: Method, model: nn.Module, batches: list, device: torch.device, precision: str) -> callable:
-    """A closure doing one engine step (``Engine.start(...).step()``) on the next batch; returns its seconds."""
+    """A closure doing one engine step (``Engine.start(...).step()``) on the next batch."""
     ctx = RunContext(run_dir=Path("/tmp/robustft-bench"), device=device, seed=0, splits={}, class_names=[])
     model = method.prepare(model, ctx)
     session = engine_session(method, model, *batches[0], device, precision, lr=1e-5)
     session.batches = ((images, labels, 1.0) for images, labels in itertools.cycle(batches))
-
-    def step() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        session.step()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    return step
+    return session.step
 
 
 def main() -> None:
@@ -98,21 +90,22 @@ def main() -> None:
     mc = timed_steps(
         method_cls(method_cls.config_cls(preset=args.preset)), copy.deepcopy(model), batches, device, precision
     )
-    for _ in range(args.warmup):
-        ft(), mc()
-    ft_times, mc_times = [], []
-    for _ in range(args.steps):
-        ft_times.append(ft())
-        mc_times.append(mc())
+    load_before = machine_load()
+    times = interleaved_times({"finetune": ft, "masked_counterfactual": mc}, args.warmup, args.steps, device)
+    ft_times, mc_times = times["finetune"], times["masked_counterfactual"]
     ft_median, mc_median = statistics.median(ft_times), statistics.median(mc_times)
     ft_min, mc_min = min(ft_times), min(mc_times)
+    ratios = ratio_summary(ft_times, mc_times)  # method over FT: per round (median), of the minima, of the means
     key = f"{args.model}/{device.type}/{precision}/batch{args.batch}/{args.preset}"
     entry = {
         "model": args.model, "device": device.type, "precision": precision, "batch": args.batch,
         "preset": args.preset, "steps": args.steps,
         "ft_step_seconds_median": ft_median, "method_step_seconds_median": mc_median,
         "ft_step_seconds_min": ft_min, "method_step_seconds_min": mc_min,
-        "ratio": mc_median / ft_median, "ratio_of_min": mc_min / ft_min, "under_3x": mc_median / ft_median < 3.0,
+        "ft_step_seconds": time_summary(ft_times), "method_step_seconds": time_summary(mc_times),
+        "ratio": ratios["median"], "ratio_of_min": ratios["of_min"], "ratio_of_mean": ratios["of_mean"],
+        "ratio_of_medians": mc_median / ft_median, "under_3x": ratios["median"] < 3.0,
+        "load_before": load_before, "load_after": machine_load(),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,

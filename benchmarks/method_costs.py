@@ -6,7 +6,8 @@ Usage:
         --rounds 3
 
 Models (nothing is downloaded): ``digits`` is the built-in digits-shift run (the packaged tiny ViT, its
-zero-shot head and the digits-shift splits, exactly what ``robustft demo`` trains); a timm name is that
+zero-shot head and the digits-shift splits); ``glyph-clip`` the built-in glyphs-shift run of the tiny OpenCLIP
+model (what ``robustft demo`` trains by default); a timm name is that
 architecture at random init (``timm.create_model(name, pretrained=False)``, classifier split off) as the
 backbone of an ``ImageClassifier`` with a 10-class linear head, on random uint8 images at the model's input
 size in ``TensorSplit`` splits (``train`` and ``id_val``, two batches each, for the methods' pre-passes).
@@ -79,6 +80,7 @@ PLAIN_PREDICTOR = {
 # Non-trained methods built here over the FT predictor of the same run and measured.
 MEASURED_POSTHOC = ("output_ensemble", "vrf")
 NUM_CLASSES = 10
+BUILTIN_RUNS = {"digits": "digits_vit", "glyph-clip": "glyph_clip"}  # --model: the built-in benchmark runs
 VRF_A, VRF_B = 1.5, 0.6  # sigmoid centre and width: they change the weights, not the cost
 
 
@@ -101,8 +103,9 @@ def build_setup(args: argparse.Namespace, run_dir: Path) -> Setup:
     from robustft.demo import demo_config
 
     device = torch.device(args.device)
-    config = demo_config("finetune", 0, run_dir, device=args.device, progress=False)
-    if args.model == "digits":
+    builtin = BUILTIN_RUNS.get(args.model)
+    config = demo_config("finetune", 0, run_dir, device=args.device, progress=False, model=builtin or "digits_vit")
+    if builtin is not None:
         from robustft.runner import prepare_run
 
         prepared = prepare_run(config, log=quiet)
@@ -279,13 +282,13 @@ def interleaved_steps(names: list[str], args: argparse.Namespace, run_dir: Path)
             model = method.prepare(copy.deepcopy(setup.model).to(device), ctx)
             method.setup(model, ctx)
             engine = Engine(setup.config.train, setup.config.optim, args.batch)
-            total = (args.warmup + args.steps) * args.rounds
+            total = (args.warmup + args.steps) * max(args.rounds, 1)
             session = engine.start(method, model, repeat_batch(setup.images, setup.labels), device, total)
             model.train()
             steps[name] = session.step
         except Exception as error:
             failed[name] = {"error": one_line(error)}
-    times = interleaved_times(steps, args.warmup, args.steps * args.rounds, device)
+    times = interleaved_times(steps, args.warmup, args.steps * max(args.rounds, 1), device)
     reference = times.get("finetune")
     results: dict[str, dict[str, Any]] = dict(failed)
     for name, seconds in times.items():
@@ -447,12 +450,19 @@ def combine_rounds(rounds: list[dict[str, dict[str, Any]]], batch: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits", help="digits (built-in run) or a timm model name (random init)")
+    parser.add_argument(
+        "--model", default="digits", help="digits or glyph-clip (built-in runs) or a timm model name (random init)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (and timed inference rounds)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat every method this often (FT in each round)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every method this often (FT in each round); 0: interleaved step times only, no memory pass",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated registry names (default: all registered)")
     parser.add_argument("--zsf-size", type=int, default=10000, help="members of VRF's random zero-shot-failure set")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -506,7 +516,8 @@ def main() -> None:
                 print(f"round {round_index} {name}", json.dumps(measured[name]), flush=True)
             rounds.append(measured)
     if trained:
-        methods |= combine_rounds(rounds, args.batch)
+        if rounds:
+            methods |= combine_rounds(rounds, args.batch)
         for name, measured in interleaved.items():
             if "error" in measured:
                 methods[name].setdefault("error", measured["error"])
@@ -517,6 +528,7 @@ def main() -> None:
                 "step_seconds_interleaved": measured["step_seconds"],
                 "throughput_ratio_to_ft": measured.get("throughput_ratio_to_ft", {}).get("median"),
                 "throughput_ratio_to_ft_of_min": measured.get("throughput_ratio_to_ft", {}).get("of_min"),
+                "throughput_ratio_to_ft_of_mean": measured.get("throughput_ratio_to_ft", {}).get("of_mean"),
                 "images_per_second": args.batch / measured["step_seconds"]["median"],
             }
             if sequential:

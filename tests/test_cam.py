@@ -70,6 +70,19 @@ def test_cam_restores_the_attention_path_and_leaves_grads_alone(digits_prepared)
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("frozen", ["everything", "backbone"])
+def test_cam_of_a_model_whose_attention_has_no_trained_weight(digits_prepared, frozen):
+    """A graph to the attention exists (the input requires grad) when nothing upstream of it trains, also when the
+    forward's graph is kept for a loss on the logits; the CAM equals the fully trainable model's."""
+    model = copy.deepcopy(digits_prepared.model)
+    images, labels, _ = _digit_batch(digits_prepared, n=8)
+    reference = class_activation(model, images, labels, keep_graph=True).cam
+    (model if frozen == "everything" else model.backbone).requires_grad_(False)
+    cam, logits = class_activation(model, images, labels, keep_graph=True)
+    torch.testing.assert_close(cam, reference)
+    assert logits.requires_grad
+
+
 def test_capture_restores_the_model_after_an_error(digits_prepared):
     model = copy.deepcopy(digits_prepared.model)
     with pytest.raises(RuntimeError, match="boom"), capture_attention(model):

@@ -151,3 +151,23 @@ def test_non_vit_model_is_a_config_error(tmp_path, digits_prepared):
     model = ImageClassifier(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     with pytest.raises(ConfigError, match="masked_counterfactual"):
         _method().prepare(model, digits_prepared.ctx.for_run(tmp_path, 0, quiet))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_shared_cam_forward_back_propagates_into_the_weights_only(digits_prepared, tmp_path):
+    """The CAM forward the task loss reuses needs no image gradient: the patch embedding gets none."""
+    ctx = digits_prepared.ctx.for_run(tmp_path, 0, quiet)
+    method = _method()
+    model = method.prepare(copy.deepcopy(digits_prepared.model), ctx).train()
+    assert method.share_forward
+    image_gradients = []
+    patch_projection = model.backbone.patch_embed.proj
+    handle = patch_projection.register_full_backward_hook(
+        lambda module, grad_in, grad_out: image_gradients.append(grad_in[0])
+    )
+    loss, _ = method.loss(model, _train_batches(digits_prepared, 1)[0], 0)
+    loss.backward()
+    handle.remove()
+    assert len(image_gradients) == 2  # the shared clean forward and the counterfactual forward
+    assert all(gradient is None for gradient in image_gradients)
+    assert patch_projection.weight.grad is not None and patch_projection.weight.grad.abs().sum() > 0

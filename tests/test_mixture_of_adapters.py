@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from robustft.adapters import (
+    CosineRouter,
     KAdaptationExperts,
     KroneckerRules,
     LoRAExperts,
@@ -19,6 +20,7 @@ from robustft.adapters import (
     mixture_layers,
     route_top1,
 )
+from robustft.adapters.mixture import grouped_dispatch_supported
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.errors import ConfigError
@@ -163,3 +165,69 @@ def test_training_keeps_the_backbone_bit_identical_logs_router_stats_and_reloads
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert not torch.allclose(model.eval()(images), digits_prepared.model.eval()(images))
+
+
+def _routed_grads(experts: KAdaptationExperts, tokens: torch.Tensor, logits: torch.Tensor, factored: bool):
+    """Output and gradients (tokens, router logits, experts) of one routed update, grouped or factored."""
+    experts.zero_grad()
+    tokens, logits = tokens.detach().requires_grad_(True), logits.detach().requires_grad_(True)
+    routing = route_top1(logits, 0.0)
+    projected = torch.randn(tokens.shape[0], 32, generator=torch.Generator().manual_seed(1))
+    if factored:
+        out = projected + experts.factored_update(tokens, routing.gates)
+    else:
+        out = experts.add_update(tokens, routing, projected)
+    out.square().sum().backward()
+    return [out.detach(), tokens.grad, logits.grad] + [parameter.grad for parameter in experts.parameters()]
+
+
+@pytest.mark.parametrize("empty_expert", [False, True])
+def test_kadaptation_grouped_dispatch_matches_the_factored_update(empty_expert):
+    """The explicit-H_e grouped GEMM over expert-sorted tokens is the same map as the factored Kronecker update:
+    same outputs and gradients to 1e-6 (also when an expert receives no token)."""
+    experts = moa_layer("kadaptation").experts.train()
+    tokens, logits = torch.randn(27, 16), torch.randn(27, 4) * 3
+    if empty_expert:
+        logits[:, 2] = -100.0
+    assert grouped_dispatch_supported(tokens, 16, 32)
+    assert (2 in route_top1(logits, 0.0).expert) != empty_expert
+    grouped, factored = _routed_grads(experts, tokens, logits, False), _routed_grads(experts, tokens, logits, True)
+    for a, b in zip(grouped, factored, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+
+
+def test_router_logits_are_the_scaled_cosine_of_the_projection():
+    torch.manual_seed(0)
+    router = CosineRouter(16, 4, projection_dim=8)
+    tokens = torch.randn(40, 16, requires_grad=True)
+    cosine = nn.functional.normalize(router.projection(tokens), dim=-1) @ nn.functional.normalize(
+        router.expert_embeddings, dim=0
+    )
+    expected = cosine * router.log_temperature.exp()
+    torch.testing.assert_close(router(tokens), expected, rtol=1e-6, atol=1e-6)
+    cotangent = torch.randn(40, 4)
+    inputs = [tokens, *router.parameters()]
+    ours, reference = (
+        torch.autograd.grad(router(tokens), inputs, cotangent),
+        torch.autograd.grad(expected, inputs, cotangent),
+    )
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_frozen_backbone_gets_no_gradient_and_only_adapters_are_trained():
+    """With the backbone frozen no weight gradient is computed for it (only router, experts and head get one)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+    model.requires_grad_(False)
+    inject_mixture(model, "kadaptation", kron_dim=8)
+    model.head.requires_grad_(True)
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([0, 2])).backward()
+    for name, parameter in model.named_parameters():
+        trained = name.startswith("head.") or ".router." in name or ".experts." in name
+        assert parameter.requires_grad == trained, name
+        assert (parameter.grad is not None) == trained, name

@@ -234,7 +234,10 @@ def class_activation(
     """
     layout = layout or patch_layout(model)
     rows, cols = layout.grid(images)
-    probe = images.detach().requires_grad_(True)  # a graph exists even when every weight is frozen
+    # The input requires grad so that a graph to the attention exists whatever is frozen; a shared forward of a
+    # fully trained model has one anyway, and there the loss's backward would compute an unused image gradient.
+    trains_everything = all(parameter.requires_grad for parameter in model.parameters())
+    probe = images.detach().requires_grad_(not (keep_graph and trains_everything))
     with torch.enable_grad(), eval_mode(model), capture_attention(model) as capture:
         logits = model(probe)
         score = logits.gather(1, labels.view(-1, 1)).sum()
