@@ -236,7 +236,7 @@ def test_peft_export_of_open_clip_lora_loads_in_peft_with_the_runs_logits(clip_l
     assert not any(key.startswith("base_model.model.transformer.") for key in state)  # the text tower untouched
 
 
-@pytest.mark.slow  # a LoRA fit over the committed glyph-clip (6 blocks) and its export: ~25 s on 2 shared cores
+@pytest.mark.slow  # a LoRA fit over the committed glyph-clip (6 blocks) and its export: ~36 s on 2 shared cores
 def test_peft_export_of_glyph_clip_lora_loads_in_peft_with_the_runs_logits(tmp_path) -> None:
     from robustft.backbones.builtin import glyph_clip_checkpoint, register_glyph_clip
 
