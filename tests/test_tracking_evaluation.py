@@ -192,3 +192,20 @@ def test_compare_sends_each_runs_effective_robustness_to_wandb_and_mlflow(tmp_pa
         assert run.info.run_name == name and run.data.tags["method"] == name
         assert run.data.metrics["eval/effective_robustness"] == pytest.approx(value)
         assert "eval/ood_avg" in run.data.metrics  # the same MLflow run as the evaluation
+
+
+def test_effective_robustness_joins_the_runs_tensorboard_run_and_a_failure_is_one_log_line(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from robustft.tracking import log_effective_robustness
+
+    run_dir = tiny_run(tmp_path, tensorboard=True)
+    messages: list[str] = []
+    log_effective_robustness(run_dir, 1.25, 2, "finetune", messages.append)
+    accumulator = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    accumulator.Reload()
+    assert [(event.step, event.value) for event in accumulator.Scalars("eval/effective_robustness")] == [(2, 1.25)]
+    assert accumulator.Scalars("eval/ood_avg") and messages == []
+    (run_dir / "config.yaml").unlink()
+    log_effective_robustness(run_dir, 1.0, 2, "finetune", messages.append)
+    assert len(messages) == 1 and str(run_dir) in messages[0] and "not logged" in messages[0]
