@@ -95,6 +95,42 @@ def clip_run(tmp_path_factory):
     return root, root / "runs" / "ft", pretrained
 
 
+@pytest.fixture(scope="module")
+def clip_lora_runs(tmp_path_factory):
+    """LoRA runs over the tiny random OpenCLIP model: attention in_proj + out_proj with the adapter file; only
+    in_proj, merged only (factors from the weights); the MLP linears and out_proj (in_proj left alone)."""
+    root = tmp_path_factory.mktemp("export_clip_lora")
+    config_path = root / "robustft-test-export-clip-lora.json"
+    config_path.write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    pretrained = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
+    checkpoint = root / "clip.safetensors"
+    save_state_dict_file(pretrained.state_dict(), checkpoint)
+    model = {"source": "open_clip", "name": str(config_path), "checkpoint": str(checkpoint), "templates": ["a {}."]}
+    data = write_shapes_dataset(root / "data")
+    runs = {}
+    for name, method in (
+        ("attention", {"name": "lora", "rank": 2}),
+        ("in_proj_merged", {"name": "lora", "rank": 2, "target_modules": [r"attn\.in_proj$"], "save_adapter": False}),
+        ("mlp_out_proj", {"name": "lora", "rank": 2, "target_modules": [r"mlp\.c_fc$", r"attn\.out_proj$"]}),
+    ):
+        fit(parse_config(run_config(root, name, model, method, data)), log=quiet)
+        runs[name] = root / "runs" / name
+    return root, runs, pretrained
+
+
+def peft_clip_logits(out: Path, images_batch: torch.Tensor, visual_only: bool = False) -> tuple:
+    """Logits of the peft export read back by open_clip + peft (the base from ``out/base``), and the base's."""
+    from peft import PeftModel
+
+    base = open_clip.create_model(f"local-dir:{out / 'base'}").eval()
+    head = load_file(out / "classifier.safetensors")
+    before = F.normalize(base.encode_image(images_batch), dim=-1) @ head["weight"].T + head["bias"]
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    features = model.encode_image(images_batch)  # PeftModel hands attributes on to the wrapped CLIP model
+    return F.normalize(features, dim=-1) @ head["weight"].T + head["bias"], before, model
+
+
 def images(count: int = 4) -> torch.Tensor:
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -170,6 +206,48 @@ def test_peft_export_loads_in_peft_with_the_runs_logits(timm_runs, run) -> None:
     blocks = {key: value for key, value in base.state_dict().items() if key.startswith("blocks.0.mlp")}
     assert all(torch.equal(value, pretrained.state_dict()[key]) for key, value in blocks.items())  # the base
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+
+
+@pytest.mark.parametrize("run", ["attention", "in_proj_merged", "mlp_out_proj"])
+def test_peft_export_of_open_clip_lora_loads_in_peft_with_the_runs_logits(clip_lora_runs, run) -> None:
+    """robustft's LoRA on nn.MultiheadAttention's fused in_proj / out_proj is peft's lora.MultiheadAttention."""
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMultiheadAttention
+
+    root, runs, pretrained = clip_lora_runs
+    out = export_run(runs[run], "peft", root / "exports" / run)
+    reference = robustft.load(runs[run]).predictor(images())
+    logits, before, model = peft_clip_logits(out, images())
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    assert (logits - before).abs().max() > 1e-3  # the adapter is what moves the logits
+    with model.disable_adapter():
+        torch.testing.assert_close(
+            model.encode_image(images()), pretrained.eval().encode_image(images()), atol=1e-6, rtol=0
+        )
+    attention = model.base_model.model.visual.transformer.resblocks[0].attn
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 16
+    state = load_file(out / "adapter_model.safetensors")
+    in_proj_b = next(value for key, value in state.items() if key.endswith("attn.lora_B.weight"))
+    out_proj_b = next(value for key, value in state.items() if key.endswith("attn.base_layer.out_proj.lora_B.weight"))
+    assert isinstance(attention, PeftMultiheadAttention)
+    assert in_proj_b.shape == (3 * 32, 2) and out_proj_b.shape == (32, 2)
+    assert (in_proj_b.abs().max() == 0) == (run == "mlp_out_proj")  # a projection the run left alone: B = 0
+    assert (out_proj_b.abs().max() == 0) == (run == "in_proj_merged")
+    assert not any(key.startswith("base_model.model.transformer.") for key in state)  # the text tower untouched
+
+
+@pytest.mark.slow  # a LoRA fit over the committed glyph-clip (6 blocks) and its export: ~36 s on 2 shared cores
+def test_peft_export_of_glyph_clip_lora_loads_in_peft_with_the_runs_logits(tmp_path) -> None:
+    from robustft.backbones.builtin import glyph_clip_checkpoint, register_glyph_clip
+
+    model = {"source": "open_clip", "name": register_glyph_clip(), "checkpoint": str(glyph_clip_checkpoint())}
+    method = {"name": "lora", "rank": 4}
+    fit(parse_config(run_config(tmp_path, "glyph_lora", model, method, write_shapes_dataset(tmp_path / "data"))), quiet)
+    run_dir = tmp_path / "runs" / "glyph_lora"
+    out = export_run(run_dir, "peft", tmp_path / "peft")
+    logits, before, _ = peft_clip_logits(out, images())
+    torch.testing.assert_close(logits, robustft.load(run_dir).predictor(images()), atol=1e-5, rtol=0)
+    assert (logits - before).abs().max() > 1e-4
 
 
 def test_open_clip_export_loads_in_open_clip_with_the_runs_logits(clip_run) -> None:

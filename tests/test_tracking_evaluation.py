@@ -117,3 +117,95 @@ def test_evaluation_and_config_reach_mlflow(tmp_path, monkeypatch) -> None:
     assert {key: run.data.metrics[key] for key in expected} == pytest.approx(expected)
     assert run.data.params["method.name"] == "finetune" and run.data.params["data.batch_size"] == "8"
     assert run.data.params["model.source"] == "builtin" and run.data.params["train.steps"] == "2"
+
+
+def tracked_comparison(root: Path, **train: bool) -> tuple[Path, dict]:
+    """``robustft compare`` of zero-shot, fine-tune and linear probe on the shapes data, trackers on."""
+    from robustft.compare import execute_comparison
+
+    raw = {
+        "name": "finetune",
+        "output_dir": str(root / "runs"),
+        "data": write_shapes_dataset(root / "data"),
+        "method": {"name": "finetune"},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0},
+        "train": {"steps": 2, "log_every": 1, "progress": False, "checkpoint_every": 10, **train},
+    }
+    out = root / "compare"
+    comparison = execute_comparison(
+        parse_config(raw), ["zeroshot", "finetune", "linear_probe"], [0], out, log=lambda message: None
+    )
+    rows = comparison.leaderboard["methods"]
+    return out, {name: row["effective_robustness"]["mean"] for name, row in rows.items()}
+
+
+@pytest.mark.slow  # a three-run comparison on the builtin ViT: ~120 s on 2 loaded cores
+def test_compare_sends_each_runs_effective_robustness_to_tensorboard(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, robustness = tracked_comparison(tmp_path, tensorboard=True)
+    assert robustness["linear_probe"] != 0.0  # off the zero-shot / fine-tune line: a number that can be wrong
+    for name, value in robustness.items():
+        run_dir = out / "seed0" / name
+        accumulator = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+        accumulator.Reload()
+        events = accumulator.Scalars("eval/effective_robustness")
+        assert [(event.step, event.value) for event in events] == [
+            (evaluated_step(run_dir, name), pytest.approx(value))
+        ]
+        assert accumulator.Scalars("eval/ood_avg")  # beside the run's own evaluation
+
+
+def evaluated_step(run_dir: Path, name: str) -> int:
+    return json.loads((run_dir / "results.json").read_text())["methods"][name].get("steps") or 0
+
+
+@pytest.mark.slow  # W&B offline runs and MLflow's SQLite stores, reopened per run: ~150 s on 2 shared cores
+def test_compare_sends_each_runs_effective_robustness_to_wandb_and_mlflow(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out, robustness = tracked_comparison(tmp_path, wandb=True, mlflow=True)
+    assert robustness["linear_probe"] != 0.0
+    for name, value in robustness.items():
+        run_dir = out / "seed0" / name
+        wandb_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
+        records = [
+            record
+            for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+            for record in wandb_records(path)
+        ]
+        history = [
+            json.loads(item.value_json)
+            for record in records
+            if record.WhichOneof("record_type") == "history"
+            for item in record.history.item
+            if (item.key or "/".join(item.nested_key)) == "eval/effective_robustness"
+        ]
+        assert history == [pytest.approx(value)]
+        runs = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+        assert {run.display_name for run in runs} == {name} and name in {run.run_group for run in runs}
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(run_dir / MLFLOW_DATABASE).resolve()}")
+        run = client.get_run((run_dir / MLFLOW_RUN_ID_FILE).read_text().strip())
+        assert run.info.run_name == name and run.data.tags["method"] == name
+        assert run.data.metrics["eval/effective_robustness"] == pytest.approx(value)
+        assert "eval/ood_avg" in run.data.metrics  # the same MLflow run as the evaluation
+
+
+def test_effective_robustness_joins_the_runs_tensorboard_run_and_a_failure_is_one_log_line(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from robustft.tracking import log_effective_robustness
+
+    run_dir = tiny_run(tmp_path, tensorboard=True)
+    messages: list[str] = []
+    log_effective_robustness(run_dir, 1.25, 2, "finetune", messages.append)
+    accumulator = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    accumulator.Reload()
+    assert [(event.step, event.value) for event in accumulator.Scalars("eval/effective_robustness")] == [(2, 1.25)]
+    assert accumulator.Scalars("eval/ood_avg") and messages == []
+    (run_dir / "config.yaml").unlink()
+    log_effective_robustness(run_dir, 1.0, 2, "finetune", messages.append)
+    assert len(messages) == 1 and str(run_dir) in messages[0] and "not logged" in messages[0]

@@ -81,6 +81,7 @@ from robustft.safe_io import read_json_object, read_yaml_mapping
 from robustft.statistics import leaderboard_statistics
 from robustft.statistics import settings as statistics_settings
 from robustft.sweep import point_name
+from robustft.tracking import log_effective_robustness
 
 if TYPE_CHECKING:
     from robustft.launchers import Launcher
@@ -415,9 +416,28 @@ def execute_comparison(
             runs[seed][name] = str(plan.run_dir)
         per_seed[seed] = merged
     leaderboard = build_leaderboard(per_seed, kinds, costs, runs, source)
+    track_effective_robustness(per_seed, runs, log)
     write_leaderboard(leaderboard, out)
     _write_report(leaderboard, per_seed[seeds[0]], out, title, log)
     return Comparison(leaderboard, per_seed, statuses)
+
+
+def track_effective_robustness(
+    per_seed: Mapping[int, dict[str, Any]], runs: Mapping[int, Mapping[str, str]], log: Callable[[str], None]
+) -> None:
+    """Each run's effective robustness (against its seed's zero-shot and fine-tune runs) to its trackers.
+
+    A run reported for several seeds (seed-independent) is sent the value of the first seed, the one it ran in.
+    """
+    sent: set[str] = set()
+    for seed, results in per_seed.items():
+        for name, entry in add_effective_robustness(results)["methods"].items():
+            run_dir = runs[seed][name]
+            if run_dir in sent or entry.get("effective_robustness") is None:
+                continue
+            sent.add(run_dir)
+            step = int(entry.get("steps") or 0)
+            log_effective_robustness(Path(run_dir), float(entry["effective_robustness"]), step, name, log)
 
 
 def is_seed_independent(plan: PlannedRun) -> bool:

@@ -3,11 +3,12 @@
 ``metrics.jsonl`` and ``results.json`` stay the source of truth (reports read them, resume truncates the
 first); trackers are views of them for people who already live in TensorBoard, MLflow or Weights & Biases.
 During training the engine logs the train scalars (``train/<key>``); after the evaluation the runner logs the
-run's whole config as parameters and its results (accuracy per split, OOD average, ECE, effective robustness
-when known) as ``eval/...`` metrics, into the same tracker run, named after the run directory and tagged with
-the method (:func:`log_evaluation`). Each tracker is off by default and one flag (``train.tensorboard``,
-``train.mlflow``, ``train.wandb``), so a plain install needs none of the packages; a missing package is a
-one-line :class:`~robustft.errors.ConfigError` naming the extra to install.
+run's whole config as parameters and its results (accuracy per split, OOD average, ECE) as ``eval/...``
+metrics, into the same tracker run, named after the run directory and tagged with the method
+(:func:`log_evaluation`); ``robustft compare`` adds ``eval/effective_robustness`` once the seed's zero-shot and
+fine-tune runs are in (:func:`log_effective_robustness`). Each tracker is off by default and one flag
+(``train.tensorboard``, ``train.mlflow``, ``train.wandb``), so a plain install needs none of the packages; a
+missing package is a one-line :class:`~robustft.errors.ConfigError` naming the extra to install.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from robustft.errors import ConfigError
@@ -29,6 +31,9 @@ WANDB_PROJECT = "robustft"
 # MLflow refuses longer parameter values; a long list (class names) is cut there.
 _MLFLOW_PARAM_LIMIT = 6000
 INSTALL_HINT = "pip install 'robustft[tracking]'"
+_RUN_DIRECTORY_URIS: set[str] = set()  # the run-directory stores this process pointed MLflow at
+TRACKER_FLAGS = ("tensorboard", "mlflow", "wandb")
+EFFECTIVE_ROBUSTNESS_METRIC = "eval/effective_robustness"
 
 
 class Tracker(Protocol):
@@ -132,8 +137,11 @@ class MLflowTracker:
             raise ConfigError(f"train.mlflow: the mlflow package is not installed; {INSTALL_HINT}") from None
         self._mlflow = mlflow
         run_dir = Path(run_dir)
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / MLFLOW_DATABASE).resolve()}")
+        if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", *_RUN_DIRECTORY_URIS):
+            # MLflow 3's set_tracking_uri also sets $MLFLOW_TRACKING_URI: ours is not the user's choice for the next run
+            uri = f"sqlite:///{(run_dir / MLFLOW_DATABASE).resolve()}"
+            _RUN_DIRECTORY_URIS.add(uri)
+            mlflow.set_tracking_uri(uri)
         id_file = run_dir / MLFLOW_RUN_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
@@ -298,7 +306,7 @@ def log_evaluation(
     Called once results.json is written: a tracker that fails now (a W&B server out of reach) costs one log
     line, not the finished run.
     """
-    if not any(getattr(train, flag, False) for flag in ("tensorboard", "mlflow", "wandb")):
+    if not any(getattr(train, flag, False) for flag in TRACKER_FLAGS):
         return
     try:
         tracker = open_tracker(train, run_dir, continued=True, method=method)
@@ -308,3 +316,30 @@ def log_evaluation(
             tracker.close()
     except Exception as error:  # any backend's own error type; results.json already holds the evaluation
         log(f"tracking: the evaluation was not logged ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+
+
+def log_effective_robustness(
+    run_dir: Path, value: float, step: int, method: str, log: Callable[[str], None] = print
+) -> None:
+    """Add ``eval/effective_robustness`` to the tracker runs of a finished run (the trackers its ``config.yaml``
+    turns on), at the evaluation's ``step``.
+
+    Effective robustness needs the zero-shot and fine-tune runs of the same seed (Taori et al., NeurIPS 2020,
+    arXiv:2007.00644; ``robustft.robustness``), so a run's own evaluation cannot know it: ``robustft compare``
+    sends it once it has every run. Like :func:`log_evaluation`, a failing tracker costs one log line.
+    """
+    from robustft.safe_io import read_yaml_mapping
+
+    run_dir = Path(run_dir)
+    try:
+        section = read_yaml_mapping(run_dir / "config.yaml").get("train") or {}
+        train = SimpleNamespace(**{flag: bool(section.get(flag, False)) for flag in TRACKER_FLAGS})
+        if not any(vars(train).values()) or not math.isfinite(value):
+            return
+        tracker = open_tracker(train, run_dir, continued=True, method=method)
+        try:
+            tracker.log_metrics(step, {EFFECTIVE_ROBUSTNESS_METRIC: value})
+        finally:
+            tracker.close()
+    except Exception as error:  # any backend's own error type; the leaderboard already holds the number
+        log(f"tracking: {run_dir}: effective robustness not logged ({type(error).__name__}: {str(error)[:200]})")

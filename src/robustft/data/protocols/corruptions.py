@@ -16,6 +16,10 @@ numpy / scipy / PIL only, so three pieces differ from the original by design:
   hysteresis at the same thresholds (no edge thinning); the distance transform, truncation at 20,
   histogram equalisation and emboss filter follow the original.
 
+Not the ``imagecorruptions`` package: its PyPI release (1.1.2) imports ``pkg_resources``, gone since setuptools
+81, and its fork ``imagecorruptions-imaug`` (1.1.5, which imports) needs opencv-python, numba and scikit-image and
+draws from numpy's global random state.
+
 Every random draw is seeded by (image key, corruption, severity) alone, so a corrupted copy is the
 same on every machine and in every order, and one image can be regenerated without the others.
 ``generate_corruptions`` writes ``<out>/<corruption>/<severity>/<class>/<image>.png``; the
