@@ -391,10 +391,9 @@ def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> LoadedR
     return loaded
 
 
-def cached_backbone_features(model: nn.Module, ctx: RunContext, split: str) -> tuple[Tensor, Tensor]:
-    """The backbone outputs (and labels) of ``model`` on a split, through the run's feature cache, in fp32 as
-    ``ctx.iterate``'s passes are."""
-    extractor = feature_extractors(model)[0] if feature_extractors(model) else model.backbone
+def cached_backbone_features(extractor: nn.Module, ctx: RunContext, split: str) -> tuple[Tensor, Tensor]:
+    """``extractor``'s outputs (and labels) on a split through the run's feature cache, in fp32 as the passes over
+    ``ctx.iterate`` are."""
     dataset = ctx.splits[split]
     return backbone_features(
         extractor, dataset, ctx.device, ctx.eval_batch_size, ctx.num_workers, cache=ctx.logit_cache
@@ -413,8 +412,8 @@ def split_outputs(zero_shot: nn.Module, finetuned: nn.Module, ctx: RunContext, s
     space = class_space_of(ctx.splits[split])
     cache = ctx.logit_cache
     if cache is not None and cache.features is not None and shares_features(zero_shot, finetuned):
-        zero_shot_features, labels = cached_backbone_features(zero_shot, ctx, split)
-        finetuned_features, _ = cached_backbone_features(finetuned, ctx, split)
+        zero_shot_features, labels = cached_backbone_features(feature_extractors(zero_shot)[0], ctx, split)
+        finetuned_features, _ = cached_backbone_features(finetuned.backbone, ctx, split)
 
         def heads(features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
             embedding, logits = embedding_and_logits(finetuned, features[1])
@@ -584,7 +583,7 @@ class Vrf(PosthocMethod):
             if split == "train":
                 continue
             if cached:
-                features, _ = cached_backbone_features(finetuned, ctx, split)
+                features, _ = cached_backbone_features(finetuned.backbone, ctx, split)
                 weights = apply_in_batches(
                     lambda batch: sample_weight(
                         predictor.distance(embedding_and_logits(finetuned, batch[0])[0]), predictor.a, predictor.b
