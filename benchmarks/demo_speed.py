@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"before": [], "after": [], "after_2_seeds": []}
+    args.after_commit = subprocess.run(  # resolved now: later commits while it runs are not what was measured
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="robustft_trees_") as folder:
         (Path(folder) / "before").mkdir()
         (Path(folder) / "after").mkdir()
@@ -107,9 +110,7 @@ def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
         "benchmark": "demo_speed",
         "command": " ".join(["python", *sys.argv]),
         "before_commit": args.before,
-        "after_commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
-        ).stdout.strip(),
+        "after_commit": args.after_commit,
         "epochs": args.epochs or "recipe default",
         "methods": args.methods or "all",
         "threads": args.threads,
