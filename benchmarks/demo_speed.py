@@ -35,9 +35,12 @@ def extract(commit: str, into: Path) -> Path:
     return into / "src"
 
 
-def run_demo(source: Path, epochs: int | None, seeds: str | None, threads: int, methods: str | None) -> dict:
+def run_demo(
+    source: Path, epochs: int | None, seeds: str | None, threads: int, methods: str | None, model: str | None = None
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="robustft_demo_speed_") as out:
         command = [sys.executable, "-m", "robustft", "demo", "--out", out]
+        command += ["--model", model] if model else []
         command += ["--epochs", str(epochs)] if epochs else []
         command += ["--methods", methods] if methods else []
         command += ["--seeds", seeds] if seeds else []
@@ -46,14 +49,18 @@ def run_demo(source: Path, epochs: int | None, seeds: str | None, threads: int, 
         start = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        tail = lines[-3:]
+        phases = [line for line in lines if " batches in " in line or " finished in " in line]
         return {
             "seconds": seconds,
             "returncode": done.returncode,
             "seeds": seeds or "0",
+            "model": model or "demo default",
             "load_before": load_before,
             "load_after": machine_load(),
             "tail": tail,
+            "phases": phases,
         }
 
 
@@ -65,22 +72,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--methods", default=None, help="a subset of methods (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--after-model",
+        default=None,
+        help="the later commit's demo model (digits_vit: the earlier commit's only demo model, like with like)",
+    )
     parser.add_argument("--no-seeds", action="store_true", help="skip the two-seed run")
     parser.add_argument("--only", default=None, help="run only these of before,after,after_2_seeds (a rerun)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"before": [], "after": [], "after_2_seeds": []}
+    args.after_commit = subprocess.run(  # resolved now: later commits while it runs are not what was measured
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="robustft_trees_") as folder:
         (Path(folder) / "before").mkdir()
         (Path(folder) / "after").mkdir()
         before = extract(args.before, Path(folder) / "before")
         after = extract(args.after, Path(folder) / "after")  # frozen: edits made while it runs do not leak in
         for _ in range(args.rounds):
-            plan = [("before", before, None), ("after", after, None)]
-            plan += [] if args.no_seeds else [("after_2_seeds", after, "0,1")]
+            plan = [("before", before, None, None), ("after", after, None, args.after_model)]
+            plan += [] if args.no_seeds else [("after_2_seeds", after, "0,1", args.after_model)]
             plan = [step for step in plan if args.only is None or step[0] in args.only.split(",")]
-            for name, source, seeds in plan:
-                runs[name].append(run_demo(source, args.epochs, seeds, args.threads, args.methods))
+            for name, source, seeds, model in plan:
+                runs[name].append(run_demo(source, args.epochs, seeds, args.threads, args.methods, model))
                 print(name, json.dumps(runs[name][-1]), flush=True)
                 write(args, runs)
 
@@ -95,12 +110,11 @@ def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
         "benchmark": "demo_speed",
         "command": " ".join(["python", *sys.argv]),
         "before_commit": args.before,
-        "after_commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
-        ).stdout.strip(),
+        "after_commit": args.after_commit,
         "epochs": args.epochs or "recipe default",
         "methods": args.methods or "all",
         "threads": args.threads,
+        "after_model": args.after_model or "demo default",
         "median_seconds": {"before": before, "after": after, "after_2_seeds": two},
         "after_over_before": after / before if before and after else None,
         "two_seeds_over_one": two / after if two and after else None,

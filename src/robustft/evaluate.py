@@ -14,6 +14,7 @@ from robustft.class_spaces import bucket_accuracy, class_space_of, predicting_in
 from robustft.data import sequential_loader
 from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
+from robustft.feature_cache import apply_in_batches, feature_extractors, split_features
 from robustft.logit_cache import LogitCache, predictor_fingerprint
 from robustft.progress import advance_current
 
@@ -31,15 +32,18 @@ def predict(
     batch_size: int = 256,
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    float_output: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Logits ``[N, C]`` (float32, CPU) and labels ``[N]`` of a whole split, under ``autocast_dtype`` if given.
 
     Under torchrun each rank scores its contiguous shard and every rank receives the whole split's
     logits in order, so post-hoc choices made from them (a WiSE-FT alpha) agree on all ranks. The
     logits stay on the device until the split is done: one device-to-host copy per split, not per batch.
+    ``float_output`` False keeps the outputs' own dtype (features that a head will take, ``feature_cache``).
     """
     if world_size() > 1 and not isinstance(dataset, ShardView):
-        logits, labels = predict(predictor, ShardView(dataset), device, batch_size, num_workers, autocast_dtype)
+        shard = ShardView(dataset)
+        logits, labels = predict(predictor, shard, device, batch_size, num_workers, autocast_dtype, float_output)
         return gather_shards(logits), gather_shards(labels)
     predictor.eval()
     logits, labels = [], []
@@ -47,7 +51,8 @@ def predict(
     loader = sequential_loader(dataset, batch_size, num_workers, pin_memory=cuda, persistent=cuda)
     with autocast_context(device, autocast_dtype):
         for images, batch_labels in loader:
-            logits.append(predictor(images.to(device, non_blocking=True)).float())
+            output = predictor(images.to(device, non_blocking=True))
+            logits.append(output.float() if float_output else output)
             labels.append(batch_labels)
             advance_current()  # the open progress bar, if any (robustft.progress)
     if not labels:  # an empty shard (fewer samples than ranks)
@@ -71,7 +76,10 @@ def predict_cached(
 
     A predictor that combines other models' logits (an output ensemble) declares ``logit_parts()`` and
     ``combine_logits(parts)``: its logits are combined from its parts' cached logits, as its forward would
-    combine them batch by batch, so an ensemble of two scored models costs no forward at all.
+    combine them batch by batch, so an ensemble of two scored models costs no forward at all. A predictor that
+    declares ``feature_extractors()`` and ``logits_from_features(features)`` has its head applied to the
+    extractors' cached features (``robustft.feature_cache``): a linear probe on the zero-shot backbone costs no
+    backbone pass once the zero-shot model was scored.
     """
     if cache is None:
         if in_class_space:
@@ -99,11 +107,66 @@ def predict_cached(
     key = cache.key(predictor_fingerprint(predictor), dataset, space, batch_size, autocast_dtype)
 
     def compute() -> tuple[Tensor, Tensor]:
+        extractors = feature_extractors(predictor) if cache.features is not None else []
+        if extractors:
+            return predict_from_features(
+                predictor, extractors, dataset, device, batch_size, num_workers, cache, autocast_dtype, in_class_space
+            )
         if in_class_space:
             return predict_in_class_space(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
         return predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
 
     return cache.get_or_compute(key, dataset, compute)
+
+
+def backbone_features(
+    extractor: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    *,
+    cache: LogitCache | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``extractor``'s outputs ``[N, D]`` (CPU, its own dtype) and labels of a whole split, read from ``cache``'s
+    feature store when the same extractor content has seen the same split (``robustft.feature_cache``)."""
+
+    def compute() -> tuple[Tensor, Tensor]:
+        return predict(extractor, dataset, device, batch_size, num_workers, autocast_dtype, float_output=False)
+
+    store = cache.features if cache is not None else None
+    return split_features(extractor, dataset, store, compute, batch_size, autocast_dtype)
+
+
+def predict_from_features(
+    predictor: nn.Module,
+    extractors: list[nn.Module],
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    cache: LogitCache | None,
+    autocast_dtype: torch.dtype | None,
+    in_class_space: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """What ``predict_cached`` computes, from the (cached) features of the predictor's ``extractors`` and its
+    ``logits_from_features``, applied batch by batch as a forward would be (``robustft.feature_cache``)."""
+    outputs = [
+        backbone_features(
+            extractor, dataset, device, batch_size, num_workers, cache=cache, autocast_dtype=autocast_dtype
+        )
+        for extractor in extractors
+    ]
+    labels = outputs[0][1]
+    features = [output for output, _ in outputs]
+    predictor.eval()
+    if not in_class_space:
+        return apply_in_batches(predictor.logits_from_features, features, batch_size, device, autocast_dtype), labels
+    space = class_space_of(dataset)
+    with predicting_in(predictor, space) as mapped_by_predictor:
+        logits = apply_in_batches(predictor.logits_from_features, features, batch_size, device, autocast_dtype)
+    return (logits if mapped_by_predictor else space.apply(logits)), labels
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

@@ -8,6 +8,8 @@ settings; the head is part of the state dict, so an OpenCLIP model with another 
 predictor), the split (the dataset object and its transform), the class space, the batch size and the
 autocast dtype, so a hit returns exactly the logits a fresh forward would have returned (bit-identical on
 the CPU, where a forward is deterministic). Entries are held in memory, least recently used first out.
+Next to the logits the cache keeps backbone features (``features``), so predictors that share a backbone and
+differ in the head pay for one backbone pass per split (``robustft.feature_cache``).
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ class CachedLogits:
 class LogitCache:
     """Logits ``[N, C]`` (float32, CPU) and labels per (predictor content, split, class space, batch size, dtype)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, feature_max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[Any, ...], CachedLogits] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.features: LogitCache | None = LogitCache(feature_max_bytes, 0) if feature_max_bytes > 0 else None
+        """Backbone features per split, a store of the same kind (``robustft.feature_cache``); None: not kept."""
 
     @property
     def num_bytes(self) -> int:
@@ -121,3 +125,5 @@ class LogitCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        if self.features is not None:
+            self.features.clear()

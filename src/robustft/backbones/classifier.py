@@ -52,13 +52,28 @@ class ImageClassifier(nn.Module):
 
     def features(self, images: Tensor) -> Tensor:
         """The head's input: the embedding, L2-normalised for CLIP-style models."""
-        embedding = self.backbone(images)
+        return self.head_input(self.backbone(images))
+
+    def head_input(self, embedding: Tensor) -> Tensor:
+        """The backbone's embedding as the head takes it (L2-normalised for CLIP-style models)."""
         if self.normalize_features:
             embedding = embedding / embedding.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return embedding
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))
+        return self.logits_from_features([self.backbone(images)])
+
+    def feature_extractors(self) -> list[nn.Module]:
+        """The backbone, whose embeddings of a split the evaluator caches (``robustft.feature_cache``): many
+        predictors share one frozen backbone (zero-shot, linear probe, VRF's zero-shot side) and differ only in
+        the head. Empty (no sharing) for a subclass that changes ``forward`` or while forward hooks are set."""
+        plain = type(self).forward is ImageClassifier.forward and type(self).features is ImageClassifier.features
+        return [self.backbone] if plain and not self._forward_hooks and not self._forward_pre_hooks else []
+
+    def logits_from_features(self, features: list[Tensor]) -> Tensor:
+        """``forward`` given the backbone's embedding of one batch: what the evaluator applies to cached ones."""
+        (embedding,) = features
+        return self.head(self.head_input(embedding))
 
 
 def linear_head(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:

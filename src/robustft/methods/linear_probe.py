@@ -7,7 +7,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from robustft.backbones.classifier import ImageClassifier
 from robustft.config import MethodConfig
+from robustft.evaluate import backbone_features
+from robustft.feature_cache import apply_in_batches, feature_extractors
 from robustft.methods.base import Method, RunContext, register_method
 
 
@@ -21,8 +24,22 @@ class LinearProbeConfig(MethodConfig):
 
 @torch.no_grad()
 def extract_features(model: nn.Module, ctx: RunContext, split: str) -> tuple[Tensor, Tensor]:
-    """The head's inputs for a whole split (``model.features``), on the CPU."""
+    """The head's inputs for a whole split (``model.features``), on the CPU.
+
+    With the run's feature cache the backbone's outputs come from it (``robustft.feature_cache``): the zero-shot
+    model, the linear probe, an LP-FT's probing stage and VRF's zero-shot side share one frozen backbone.
+    """
     model.eval()
+    cache = ctx.logit_cache
+    extractors = feature_extractors(model) if isinstance(model, ImageClassifier) else []
+    if cache is not None and cache.features is not None and len(extractors) == 1:
+        embeddings, labels = backbone_features(
+            extractors[0], ctx.splits[split], ctx.device, ctx.eval_batch_size, ctx.num_workers, cache=cache
+        )
+        features = apply_in_batches(
+            lambda batch: model.head_input(batch[0]), [embeddings], ctx.eval_batch_size, ctx.device
+        )
+        return features, labels
     features, labels = [], []
     for images, batch_labels in ctx.iterate(split):
         features.append(model.features(images).float().cpu())

@@ -84,7 +84,9 @@ class GreedySoup(_Soup):
         def val_accuracy(state: dict[str, Tensor]) -> float:
             model.load_state_dict(state)
             held_out = {"id_val": ctx.splits["id_val"]}
-            metrics = evaluate_splits(model, held_out, ctx.device, ctx.eval_batch_size, ctx.num_workers)
+            metrics = evaluate_splits(
+                model, held_out, ctx.device, ctx.eval_batch_size, ctx.num_workers, cache=ctx.logit_cache
+            )
             return metrics["id_val"]["accuracy"]
 
         individual = [val_accuracy(weights[i]) for i in range(len(runs))]

@@ -22,6 +22,8 @@ from robustft import calibration
 from robustft.backbones.checkpoint_files import load_state_dict_file, load_state_dict_strict
 from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of
 from robustft.errors import CheckpointError, ConfigError, UnsupportedModelError
+from robustft.evaluate import backbone_features
+from robustft.feature_cache import apply_in_batches, feature_extractors
 from robustft.methods.base import OneRunInputs, PosthocMethod, RunContext, register_method
 from robustft.posthoc import LoadedRun, composed_name, finetuned_structure, load_run_predictor
 from robustft.weight_references import load_final_state
@@ -185,10 +187,22 @@ def normalised_embedding_and_logits(model: nn.Module, images: Tensor) -> tuple[T
         raise UnsupportedModelError(
             f"vrf: the fine-tuned model ({type(model).__name__}) must be an ImageClassifier with .backbone and .head"
         )
-    embedding = backbone(images)
+    return embedding_and_logits(model, backbone(images))
+
+
+def embedding_and_logits(model: nn.Module, embedding: Tensor) -> tuple[Tensor, Tensor]:
+    """``normalised_embedding_and_logits`` given the backbone's output (a cached one, ``robustft.feature_cache``)."""
     normalised = embedding / embedding.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    logits = head(normalised if getattr(model, "normalize_features", False) else embedding)
+    logits = model.head(normalised if getattr(model, "normalize_features", False) else embedding)
     return normalised, logits
+
+
+def shares_features(zero_shot: nn.Module, finetuned: nn.Module) -> bool:
+    """Whether both models' backbone outputs can come from the feature cache: the zero-shot model declares one
+    extractor (``robustft.feature_cache``) and the fine-tuned one has the ``.backbone`` and ``.head`` VRF uses."""
+    return len(feature_extractors(zero_shot)) == 1 and all(
+        getattr(finetuned, part, None) is not None for part in ("backbone", "head")
+    )
 
 
 # ------------------------------------------------------------------------------------------ predictor
@@ -265,7 +279,9 @@ class VrfPredictor(nn.Module):
         zero_shot = self.class_space.apply(self.zero_shot(images))
         if self.zsf_embeddings.shape[0] == 0:
             return F.log_softmax(zero_shot.float() / self.temperature_zero_shot, dim=-1)
-        embedding, finetuned = normalised_embedding_and_logits(self.finetuned, images)
+        return self._mix(zero_shot, *normalised_embedding_and_logits(self.finetuned, images))
+
+    def _mix(self, zero_shot: Tensor, embedding: Tensor, finetuned: Tensor) -> Tensor:
         return vrf_log_probs(
             self.class_space.apply(finetuned),
             zero_shot,
@@ -275,6 +291,22 @@ class VrfPredictor(nn.Module):
             self.temperature_finetuned,
             self.temperature_zero_shot,
         )
+
+    def feature_extractors(self) -> list[nn.Module]:
+        """The zero-shot model's backbone and, unless the ZSF set is empty, the fine-tuned one's: the evaluator
+        caches their features (``robustft.feature_cache``), so a VRF predictor scored after the zero-shot and
+        fine-tuned models costs only its kNN searches. Empty while forward hooks are set."""
+        if self._forward_hooks or self._forward_pre_hooks or not shares_features(self.zero_shot, self.finetuned):
+            return []
+        zero_shot = feature_extractors(self.zero_shot)
+        return zero_shot if self.zsf_embeddings.shape[0] == 0 else [*zero_shot, self.finetuned.backbone]
+
+    def logits_from_features(self, features: list[Tensor]) -> Tensor:
+        """``forward`` given the extractors' outputs on one batch (the kNN search runs on this batch, as there)."""
+        zero_shot = self.class_space.apply(self.zero_shot.logits_from_features(features[:1]))
+        if self.zsf_embeddings.shape[0] == 0:
+            return F.log_softmax(zero_shot.float() / self.temperature_zero_shot, dim=-1)
+        return self._mix(zero_shot, *embedding_and_logits(self.finetuned, features[1]))
 
 
 def _index_is_stale(module: VrfPredictor, incompatible_keys: Any) -> None:
@@ -359,12 +391,37 @@ def _load_finetuned(model: nn.Module, run_dir: Path, ctx: RunContext) -> LoadedR
     return loaded
 
 
+def cached_backbone_features(extractor: nn.Module, ctx: RunContext, split: str) -> tuple[Tensor, Tensor]:
+    """``extractor``'s outputs (and labels) on a split through the run's feature cache, in fp32 as the passes over
+    ``ctx.iterate`` are."""
+    dataset = ctx.splits[split]
+    return backbone_features(
+        extractor, dataset, ctx.device, ctx.eval_batch_size, ctx.num_workers, cache=ctx.logit_cache
+    )
+
+
 @torch.no_grad()
 def split_outputs(zero_shot: nn.Module, finetuned: nn.Module, ctx: RunContext, split: str) -> dict[str, Tensor]:
-    """Normalised FT embeddings, FT and ZS logits (in the split's class space) and labels of a whole split (CPU)."""
+    """Normalised FT embeddings, FT and ZS logits (in the split's class space) and labels of a whole split (CPU).
+
+    With the run's feature cache the two backbones' outputs are read from it (the zero-shot and fine-tuned runs
+    of a comparison, or a linear probe on the train split, computed them) and only the heads run here.
+    """
     zero_shot.eval()
     finetuned.eval()
     space = class_space_of(ctx.splits[split])
+    cache = ctx.logit_cache
+    if cache is not None and cache.features is not None and shares_features(zero_shot, finetuned):
+        zero_shot_features, labels = cached_backbone_features(feature_extractors(zero_shot)[0], ctx, split)
+        finetuned_features, _ = cached_backbone_features(finetuned.backbone, ctx, split)
+
+        def heads(features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+            embedding, logits = embedding_and_logits(finetuned, features[1])
+            return embedding, space.apply(logits), space.apply(zero_shot.logits_from_features(features[:1]))
+
+        features = [zero_shot_features, finetuned_features]
+        embeddings, tuned, zero = apply_in_batches(heads, features, ctx.eval_batch_size, ctx.device)
+        return {"embeddings": embeddings, "finetuned": tuned, "zero_shot": zero, "labels": labels}
     parts: dict[str, list[Tensor]] = {"embeddings": [], "finetuned": [], "zero_shot": [], "labels": []}
     for images, labels in ctx.iterate(split):
         embedding, logits = normalised_embedding_and_logits(finetuned, images)
@@ -413,7 +470,8 @@ class Vrf(PosthocMethod):
       ``data.augment`` is set, as the reference (which embeds un-augmented training images) assumes.
 
     Inference costs two forwards (the models share no backbone), the FT one giving embedding and logits
-    at once, plus one exact kNN search per batch.
+    at once, plus one exact kNN search per batch. Within a comparison both backbones' features come from the
+    feature cache (``robustft.feature_cache``): the zero-shot and fine-tuned runs computed them.
     """
 
     name = "vrf"
@@ -515,10 +573,26 @@ class Vrf(PosthocMethod):
 
     @torch.no_grad()
     def _mean_weights(self, predictor: VrfPredictor, ctx: RunContext) -> dict[str, float]:
-        """Mean ``w`` per evaluation split: how much each split leans on the fine-tuned model."""
+        """Mean ``w`` per evaluation split: how much each split leans on the fine-tuned model (from the feature
+        cache when the run has one: the final evaluation then reads the same features)."""
+        finetuned = predictor.finetuned
         means = {}
+        cache = ctx.logit_cache
+        cached = cache is not None and cache.features is not None and shares_features(predictor.zero_shot, finetuned)
         for split in ctx.splits:
             if split == "train":
+                continue
+            if cached:
+                features, _ = cached_backbone_features(finetuned.backbone, ctx, split)
+                weights = apply_in_batches(
+                    lambda batch: sample_weight(
+                        predictor.distance(embedding_and_logits(finetuned, batch[0])[0]), predictor.a, predictor.b
+                    ),
+                    [features],
+                    ctx.eval_batch_size,
+                    ctx.device,
+                )
+                means[split] = float(weights.mean())
                 continue
             weights = [
                 sample_weight(
