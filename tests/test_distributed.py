@@ -126,7 +126,41 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen["mismatch"] = str(error)
     loss = torch.tensor(float("nan") if rank == 1 else 0.5)
     seen["nan_loss"] = _reduce_over_ranks(loss, {"acc": float(rank)}, [])
+    seen["flyp_uneven"] = gathered_contrastive_gradients(5)  # shards of 3 and 2 pairs
+    seen["flyp_even"] = gathered_contrastive_gradients(4)
+    from open_clip.loss import ClipLoss
+
+    images, texts = contrastive_pairs(4)
+    part = distributed.shard_range(4)
+    reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
+    seen["open_clip_loss"] = reference(images[part.start : part.stop], texts[part.start : part.stop], LOGIT_SCALE)
     torch.save(seen, f"{out}/rank{rank}.pt")
+
+
+LOGIT_SCALE = 10.0
+
+
+def contrastive_pairs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    images = nn.functional.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+    return images, nn.functional.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+
+
+def gathered_contrastive_gradients(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's FLYP loss over its shard of ``count`` pairs, weighted as the engine weights it, and the
+    gradients it sends back to the shard's embeddings through the gather."""
+    from robustft.methods.flyp import local_contrastive_loss
+
+    images, texts = contrastive_pairs(count)
+    part = distributed.shard_range(count)
+    image = images[part.start : part.stop].clone().requires_grad_()
+    text = texts[part.start : part.stop].clone().requires_grad_()
+    pairs, offset = distributed.gather_with_grad(torch.cat([image, text], dim=1))
+    all_images, all_texts = pairs.split([8, 8], dim=1)
+    loss = local_contrastive_loss(image, text, all_images, all_texts, LOGIT_SCALE, offset)
+    loss = loss * distributed.batch_weight(count, distributed.rank(), WORLD)
+    loss.backward()
+    return loss.detach(), image.grad, text.grad
 
 
 def test_cross_rank_mechanisms_on_two_gloo_processes(tmp_path):
@@ -159,6 +193,23 @@ def test_cross_rank_mechanisms_on_two_gloo_processes(tmp_path):
     assert any(not torch.equal(same_seed[0][n], same_seed[1][n]) for n in same_seed[0])  # masks do resample
     assert any(not torch.equal(same_seed[0][n], other_seed[0][n]) for n in same_seed[0])  # and depend on the seed
     assert all(torch.equal(same_seed[2][n], again[2][n]) for n in same_seed[0])
+    from robustft.methods.flyp import clip_contrastive_loss
+
+    for count, key in ((5, "flyp_uneven"), (4, "flyp_even")):
+        # FLYP's gathered loss: the ranks' mean is the 1-process loss over all pairs, and DDP's mean of the
+        # gradients each rank gets through the gather is the 1-process gradient (the sizes 3 + 2 split unevenly)
+        images, texts = (tensor.requires_grad_() for tensor in contrastive_pairs(count))
+        expected = clip_contrastive_loss(images, texts, LOGIT_SCALE)
+        expected.backward()
+        loss = sum(seen[key][0] for seen in ranks) / WORLD
+        assert torch.allclose(loss, expected.detach(), atol=1e-6), key
+        for index, gradient in ((1, images.grad), (2, texts.grad)):
+            gathered = torch.cat([seen[key][index] for seen in ranks]) / WORLD
+            assert torch.allclose(gathered, gradient, atol=1e-6), key
+    images, texts = contrastive_pairs(4)
+    for seen in ranks:  # the same loss as open_clip's own ClipLoss(local_loss=True, gather_with_grad=True)
+        unweighted = seen["flyp_even"][0] / distributed.batch_weight(4, seen["rank"], WORLD)
+        assert torch.allclose(unweighted, seen["open_clip_loss"].detach(), atol=1e-6)
 
 
 def test_two_process_fit_matches_one_process_run(tmp_path, digits_prepared):

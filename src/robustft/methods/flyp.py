@@ -21,6 +21,10 @@ Decisions (read in locuslab/FLYP):
   treats the other pair as a negative (no de-duplication).
 - ``logit_scale`` is trained and clamped to ``log(max_logit_scale)`` after each step, as in open_clip
   training; the final head carries the tuned scale (the reference's ``get_zeroshot_classifier``).
+- Several processes (DDP): every rank's image and caption embeddings are gathered with their gradients
+  (``distributed.gather_with_grad``) and each rank scores its own pairs against the whole global batch's,
+  open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``; with the engine's per-rank loss weights
+  and DDP's mean that is the gradient of the 1-process loss over the global batch (docs/distributed.md).
 - The text tower is re-loaded from the run's ``model:`` section (the classifier only holds the image
   tower); a model without a text tower is refused at ``prepare`` with ``UnsupportedModelError``.
 """
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from robustft import distributed
 from robustft.backbones.classifier import ImageClassifier
 from robustft.config import MethodConfig
 from robustft.errors import UnsupportedModelError
@@ -60,6 +65,27 @@ def clip_contrastive_loss(image_embeddings: Tensor, text_embeddings: Tensor, log
     logits = logit_scale * image_embeddings @ text_embeddings.T
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def local_contrastive_loss(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    all_image_embeddings: Tensor,
+    all_text_embeddings: Tensor,
+    logit_scale: Tensor | float,
+    offset: int,
+) -> Tensor:
+    """:func:`clip_contrastive_loss`'s rows for one rank's pairs, scored against the whole global batch.
+
+    The local pairs are rows ``offset .. offset + B_local`` of the gathered ``all_*`` embeddings; each local image
+    picks its caption among all captions and each local caption its image among all images (open_clip's
+    ``ClipLoss`` with ``local_loss=True``). The mean of this over ranks, each weighted by its share of the global
+    batch, is :func:`clip_contrastive_loss` of the global batch.
+    """
+    logits_per_image = logit_scale * image_embeddings @ all_text_embeddings.T
+    logits_per_text = logit_scale * text_embeddings @ all_image_embeddings.T
+    targets = torch.arange(image_embeddings.shape[0], device=image_embeddings.device) + offset
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
 class FlypModel(nn.Module):
@@ -131,7 +157,13 @@ class Flyp(Method):
         images, labels = batch
         image_embeddings = F.normalize(model.classifier.image_embedding(images), dim=-1)
         text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels)), dim=-1)
-        loss = clip_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale.exp())
+        scale = model.logit_scale.exp()
+        if distributed.world_size() == 1:
+            loss = clip_contrastive_loss(image_embeddings, text_embeddings, scale)
+        else:  # one gather of both embeddings: the global batch's pairs, in rank order
+            pairs, offset = distributed.gather_with_grad(torch.cat([image_embeddings, text_embeddings], dim=1))
+            all_images, all_texts = pairs.split([image_embeddings.shape[1], text_embeddings.shape[1]], dim=1)
+            loss = local_contrastive_loss(image_embeddings, text_embeddings, all_images, all_texts, scale, offset)
         return loss, {"logit_scale": model.logit_scale.detach().exp()}
 
     def after_step(self, model: nn.Module, step: int) -> None:
