@@ -263,3 +263,22 @@ def test_two_process_fit_matches_one_process_run(tmp_path, digits_prepared):
     ]
     assert scores[1]["id"] == pytest.approx(scores[0]["id"], abs=0.3)  # sharded evaluation, gathered
     assert scores[1]["ood"] == pytest.approx(scores[0]["ood"], abs=0.3)
+
+
+@pytest.mark.slow  # a 1-process and a 2-process FLYP fit of the tiny CLIP: ~40 s on 2 idle cores
+def test_flyp_on_two_processes_equals_one_process(tmp_path):
+    """FLYP's negatives are the whole global batch's on every rank (the embeddings gathered with their gradients),
+    so 2 gloo processes end with the 1-process weights, as the per-sample methods do (docs/distributed.md)."""
+    from test_ddp import TOLERANCE, fit_both_ways, max_difference
+
+    runs = [("flyp", "flyp", "ddp", 1), ("flyp_allreduce", "flyp", "allreduce", 1)]
+    root = fit_both_ways(tmp_path, runs, one_process=("flyp",))
+    difference = max_difference(root, "flyp")
+    across_paths = max_difference(root, "flyp", root / "world2" / "flyp_allreduce")
+    print(f"flyp: max |2 processes - 1 process| = {difference:.3g}; |ddp - allreduce| = {across_paths:.3g}")
+    assert difference < TOLERANCE and across_paths < TOLERANCE
+    losses = [
+        [json.loads(line)["loss"] for line in (root / world / "flyp" / "metrics.jsonl").read_text().splitlines()]
+        for world in ("world1", "world2")
+    ]  # the global batch's contrastive loss: with each rank's own negatives only it would be smaller
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
