@@ -31,7 +31,7 @@ from robustft.runner import FINAL_CHECKPOINT, RESULTS_FILE, fit
 
 METHODS = ["zeroshot", "finetune", "wise_ft"]
 SEEDS = [0, 1]
-STEPS = 24  # long enough that a job is caught between its first checkpoint and its end
+STEPS = 16  # long enough that a job is caught between its first checkpoint and its end
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 SPLIT_SIZES = {"train": 96, "id_val": 48, "id_test": 48, "ood_fonts": 48, "ood_corruption": 48, "ood_color": 48}
 SPLIT_SIZES |= {"ood_rotation": 48}
