@@ -15,7 +15,8 @@ pretraining, which is where FLYP finds its OOD gains over FT and WiSE-FT.
 Decisions (read in locuslab/FLYP):
 
 - Captions: one template per sample, drawn uniformly from the run's ``model.templates`` by a
-  generator seeded with the run's seed and saved in checkpoints (resume draws the same captions).
+  generator seeded with the run's seed and saved in checkpoints (resume draws the same captions);
+  under several processes every rank draws for the global batch and keeps its rows.
   The reference pre-writes captions to a CSV; the draw is the same idea without the file.
 - Two images of one class in a batch may get the same caption; like the reference, the loss still
   treats the other pair as a negative (no de-duplication).
@@ -146,22 +147,30 @@ class Flyp(Method):
         model.head.requires_grad_(False)  # rebuilt from the text tower at finalize
         return FlypModel(model, text_model.to(ctx.device))
 
-    def caption_tokens(self, labels: Tensor) -> Tensor:
-        """Token ids of one caption per sample: a random template (seeded) filled with its class name."""
+    def caption_tokens(self, labels: Tensor, offset: int = 0, total: int | None = None) -> Tensor:
+        """Token ids of one caption per sample: a random template (seeded) filled with its class name.
+
+        Under several processes the draw is for the whole global batch of ``total`` samples and this rank takes
+        its rows from ``offset``, so every rank draws the captions one process draws for the same batch.
+        """
         if self.tokens is None:
             raise RuntimeError("Flyp.caption_tokens called before prepare")
-        choice = torch.randint(len(self.templates), (labels.shape[0],), generator=self.generator)
+        total = labels.shape[0] if total is None else total
+        choice = torch.randint(len(self.templates), (total,), generator=self.generator)[offset : offset + len(labels)]
         return self.tokens[labels, choice.to(labels.device, non_blocking=True)]
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         images, labels = batch
-        image_embeddings = F.normalize(model.classifier.image_embedding(images), dim=-1)
-        text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels)), dim=-1)
         scale = model.logit_scale.exp()
+        image_embeddings = F.normalize(model.classifier.image_embedding(images), dim=-1)
         if distributed.world_size() == 1:
+            text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels)), dim=-1)
             loss = clip_contrastive_loss(image_embeddings, text_embeddings, scale)
-        else:  # one gather of both embeddings: the global batch's pairs, in rank order
-            pairs, offset = distributed.gather_with_grad(torch.cat([image_embeddings, text_embeddings], dim=1))
+        else:  # the global batch's captions, and one gather of both embeddings, in rank order
+            rows = distributed.shard_sizes(labels.shape[0])
+            offset = sum(rows[: distributed.rank()])
+            text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels, offset, sum(rows))), dim=-1)
+            pairs, _ = distributed.gather_with_grad(torch.cat([image_embeddings, text_embeddings], dim=1), rows)
             all_images, all_texts = pairs.split([image_embeddings.shape[1], text_embeddings.shape[1]], dim=1)
             loss = local_contrastive_loss(image_embeddings, text_embeddings, all_images, all_texts, scale, offset)
         return loss, {"logit_scale": model.logit_scale.detach().exp()}
