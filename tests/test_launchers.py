@@ -37,7 +37,7 @@ SPLIT_SIZES = {"train": 96, "id_val": 48, "id_test": 48, "ood_fonts": 48, "ood_c
 SPLIT_SIZES |= {"ood_rotation": 48}
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, steps: int = STEPS) -> Path:
     """The comparison's config: glyphs-shift with small splits and the tiny CLIP, a few SGD steps."""
     model, data = builtin_model_sections("glyph_clip")
     raw = {
@@ -47,7 +47,7 @@ def write_config(root: Path) -> Path:
         "data": {**data, "split_sizes": SPLIT_SIZES, "batch_size": 16},
         "method": {"name": "finetune"},
         "optim": {"name": "sgd", "lr": 1e-3},
-        "train": {"steps": STEPS, "progress": False, "checkpoint_every": 4, "log_every": 4, "device": "cpu"},
+        "train": {"steps": steps, "progress": False, "checkpoint_every": 4, "log_every": 4, "device": "cpu"},
         "compare": {"options": {"wise_ft": {"alphas": [0.0, 0.5, 1.0]}}},
     }
     path = root / "cmp.yaml"
@@ -190,7 +190,7 @@ def test_the_same_command_again_submits_nothing_and_gives_the_same_leaderboard(l
 @pytest.mark.slow
 def test_a_running_job_of_an_earlier_call_is_waited_for_not_submitted_again(tmp_path):
     """The first command is stopped while its jobs run; the second attaches to them by job id."""
-    config, out = write_config(tmp_path), tmp_path / "cmp"
+    config, out = write_config(tmp_path, steps=400), tmp_path / "cmp"  # still running when the second call starts
     command = compare_command(config, out)
     command[command.index("--methods") + 1] = "finetune"
     command[command.index("--seeds") + 1] = "0"
