@@ -43,8 +43,9 @@ SLOW_RUNS = [
     ("lp_ft", "lp_ft", "ddp", 1),
 ]
 # Losses that couple the samples of a batch: masked counterfactuals refill masked patches from other images of the
-# batch, FLYP's contrastive loss takes the other captions of the batch as negatives. Each rank sees its own part, so
-# 2 processes differ from 1 process under either strategy (measured 1.3e-3 and 1.7); DDP must equal the all-reduce.
+# batch, each rank from its own part, so 2 processes differ from 1 process under either strategy (measured 1.3e-3);
+# FLYP gathers its negatives over the ranks and equals 1 process (tests/test_distributed.py). DDP must equal the
+# all-reduce for both.
 COUPLED_RUNS = [
     ("masked_counterfactual", "masked_counterfactual", "ddp", 1),
     ("masked_counterfactual_allreduce", "masked_counterfactual", "allreduce", 1),

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +127,41 @@ def _worker(rank: int, port: int, out: str) -> None:
         seen["mismatch"] = str(error)
     loss = torch.tensor(float("nan") if rank == 1 else 0.5)
     seen["nan_loss"] = _reduce_over_ranks(loss, {"acc": float(rank)}, [])
+    seen["flyp_uneven"] = gathered_contrastive_gradients(5)  # shards of 3 and 2 pairs
+    seen["flyp_even"] = gathered_contrastive_gradients(4)
+    from open_clip.loss import ClipLoss
+
+    images, texts = contrastive_pairs(4)
+    part = distributed.shard_range(4)
+    reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
+    seen["open_clip_loss"] = reference(images[part.start : part.stop], texts[part.start : part.stop], LOGIT_SCALE)
     torch.save(seen, f"{out}/rank{rank}.pt")
+
+
+LOGIT_SCALE = 10.0
+
+
+def contrastive_pairs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    images = nn.functional.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+    return images, nn.functional.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+
+
+def gathered_contrastive_gradients(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's FLYP loss over its shard of ``count`` pairs, weighted as the engine weights it, and the
+    gradients it sends back to the shard's embeddings through the gather."""
+    from robustft.methods.flyp import local_contrastive_loss
+
+    images, texts = contrastive_pairs(count)
+    part = distributed.shard_range(count)
+    image = images[part.start : part.stop].clone().requires_grad_()
+    text = texts[part.start : part.stop].clone().requires_grad_()
+    pairs, offset = distributed.gather_with_grad(torch.cat([image, text], dim=1))
+    all_images, all_texts = pairs.split([8, 8], dim=1)
+    loss = local_contrastive_loss(image, text, all_images, all_texts, LOGIT_SCALE, offset)
+    loss = loss * distributed.batch_weight(count, distributed.rank(), WORLD)
+    loss.backward()
+    return loss.detach(), image.grad, text.grad
 
 
 def test_cross_rank_mechanisms_on_two_gloo_processes(tmp_path):
@@ -159,6 +194,23 @@ def test_cross_rank_mechanisms_on_two_gloo_processes(tmp_path):
     assert any(not torch.equal(same_seed[0][n], same_seed[1][n]) for n in same_seed[0])  # masks do resample
     assert any(not torch.equal(same_seed[0][n], other_seed[0][n]) for n in same_seed[0])  # and depend on the seed
     assert all(torch.equal(same_seed[2][n], again[2][n]) for n in same_seed[0])
+    from robustft.methods.flyp import clip_contrastive_loss
+
+    for count, key in ((5, "flyp_uneven"), (4, "flyp_even")):
+        # FLYP's gathered loss: the ranks' mean is the 1-process loss over all pairs, and DDP's mean of the
+        # gradients each rank gets through the gather is the 1-process gradient (the sizes 3 + 2 split unevenly)
+        images, texts = (tensor.requires_grad_() for tensor in contrastive_pairs(count))
+        expected = clip_contrastive_loss(images, texts, LOGIT_SCALE)
+        expected.backward()
+        loss = sum(seen[key][0] for seen in ranks) / WORLD
+        assert torch.allclose(loss, expected.detach(), atol=1e-6), key
+        for index, gradient in ((1, images.grad), (2, texts.grad)):
+            gathered = torch.cat([seen[key][index] for seen in ranks]) / WORLD
+            assert torch.allclose(gathered, gradient, atol=1e-6), key
+    images, texts = contrastive_pairs(4)
+    for seen in ranks:  # the same loss as open_clip's own ClipLoss(local_loss=True, gather_with_grad=True)
+        unweighted = seen["flyp_even"][0] / distributed.batch_weight(4, seen["rank"], WORLD)
+        assert torch.allclose(unweighted, seen["open_clip_loss"].detach(), atol=1e-6)
 
 
 def test_two_process_fit_matches_one_process_run(tmp_path, digits_prepared):
@@ -212,3 +264,42 @@ def test_two_process_fit_matches_one_process_run(tmp_path, digits_prepared):
     ]
     assert scores[1]["id"] == pytest.approx(scores[0]["id"], abs=0.3)  # sharded evaluation, gathered
     assert scores[1]["ood"] == pytest.approx(scores[0]["ood"], abs=0.3)
+
+
+def flyp_config(root: Path, world: int):
+    """test_ddp's FLYP run (the tiny random OpenCLIP model, SGD, 4 steps, global batch 8) without loader workers."""
+    from test_ddp import run_config
+
+    config = run_config(root, world, "flyp", "flyp", "ddp", 1)
+    config.data.num_workers = 0
+    return config
+
+
+def _flyp_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    fit(flyp_config(Path(root), WORLD), log=quiet)
+
+
+@pytest.mark.slow  # a 1-process and a 2-process FLYP fit of a tiny CLIP
+def test_flyp_on_two_processes_equals_one_process(tmp_path):
+    """FLYP's negatives are the whole global batch's on every rank (the embeddings gathered with their gradients),
+    so 2 gloo processes end with the 1-process weights, as the per-sample methods do (docs/distributed.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: the same float reductions
+    try:
+        fit(flyp_config(tmp_path, 1), log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_flyp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    one = load_state_dict_file(tmp_path / "world1" / "flyp" / FINAL_CHECKPOINT)
+    two = load_state_dict_file(tmp_path / "world2" / "flyp" / FINAL_CHECKPOINT)
+    difference = max((one[key] - two[key]).abs().max().item() for key in one)
+    print(f"flyp: max |2 processes - 1 process| = {difference:.3g}")
+    assert one.keys() == two.keys() and difference < 1e-5
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / world / "flyp" / "metrics.jsonl").read_text().splitlines()]
+        for world in ("world1", "world2")
+    ]  # the global batch's contrastive loss: with each rank's own negatives only it would be smaller
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -1,11 +1,9 @@
-"""``--launcher submitit``: one real submitit job per run (the local executor's subprocesses), a pre-empted job
-requeued through submitit's checkpointing and a killed one resubmitted, both resuming to the uninterrupted
-result; running the command again reuses every finished run and submits nothing.
+"""``--launcher submitit``: one real submitit job per run (the local executor's subprocesses) on the built-in
+benchmark, a pre-empted job requeued through submitit's checkpointing and a killed one resubmitted, both resuming
+to the uninterrupted result; running the command again reuses every finished run and submits nothing.
 
-The comparison is 3 methods (zero-shot, fine-tune, WiSE-FT over the fine-tune) x 2 seeds on a tiny image-folder
-dataset with the built-in ViT, so each job is mostly interpreter start-up. The same scenario on the built-in
-benchmark (digits-shift) is the slow test at the end: there each job also evaluates 6 splits of ~400 images (WiSE-FT
-once per alpha), which puts the whole test well past the default suite's budget on a 2-core machine.
+The comparison is 3 methods (zero-shot, fine-tune, WiSE-FT over the fine-tune) x 2 seeds on glyphs-shift with the
+tiny CLIP (the demo's default model), with 48-image splits so each job is mostly interpreter start-up.
 """
 
 from __future__ import annotations
@@ -22,27 +20,34 @@ import pytest
 import torch
 import yaml
 
-from posthoc_support import quiet, write_shapes_dataset
+from posthoc_support import quiet
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.compare import load_compare_config
+from robustft.data.generated_cache import CACHE_ENVIRONMENT
+from robustft.demo import builtin_model_sections
 from robustft.errors import ConfigError
 from robustft.launchers import JOBS_FILE, ClusterOptions, SubmititLauncher, make_launcher, torchrun_command
 from robustft.runner import FINAL_CHECKPOINT, RESULTS_FILE, fit
 
 METHODS = ["zeroshot", "finetune", "wise_ft"]
 SEEDS = [0, 1]
-STEPS = 120  # long enough that a job is caught between its first checkpoint and its end
+STEPS = 16  # long enough that a job is caught between its first checkpoint and its end
 SOURCE = Path(__file__).resolve().parents[1] / "src"
+SPLIT_SIZES = {"train": 96, "id_val": 48, "id_test": 48, "ood_fonts": 48, "ood_corruption": 48, "ood_color": 48}
+SPLIT_SIZES |= {"ood_rotation": 48}
 
 
-def write_config(root: Path, built_in: bool = False) -> Path:
+def write_config(root: Path, steps: int = STEPS) -> Path:
+    """The comparison's config: glyphs-shift with small splits and the tiny CLIP, a few SGD steps."""
+    model, data = builtin_model_sections("glyph_clip")
     raw = {
         "name": "cmp",
         "output_dir": str(root / "runs"),
-        "data": {"benchmark": "digits_shift", "batch_size": 32} if built_in else write_shapes_dataset(root / "data"),
+        "model": model,
+        "data": {**data, "split_sizes": SPLIT_SIZES, "batch_size": 16},
         "method": {"name": "finetune"},
         "optim": {"name": "sgd", "lr": 1e-3},
-        "train": {"steps": STEPS, "progress": False, "checkpoint_every": 5, "log_every": 5, "device": "cpu"},
+        "train": {"steps": steps, "progress": False, "checkpoint_every": 4, "log_every": 4, "device": "cpu"},
         "compare": {"options": {"wise_ft": {"alphas": [0.0, 0.5, 1.0]}}},
     }
     path = root / "cmp.yaml"
@@ -58,12 +63,15 @@ def compare_command(config: Path, out: Path) -> list[str]:
     ]
 
 
-def job_environment() -> dict[str, str]:
-    return {
+def job_environment(cache: Path | None = None) -> dict[str, str]:
+    """The jobs' environment: this checkout's package, one thread (the in-process reference's float reductions)
+    and, given ``cache``, the generated-data cache the jobs share."""
+    environment = {
         **os.environ,
         "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
+    return environment | ({CACHE_ENVIRONMENT: str(cache)} if cache is not None else {})
 
 
 def task_process(out: Path, run_dir: Path, timeout: float = 900) -> int:
@@ -90,19 +98,20 @@ def launched(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("launch"))
 
 
-def launch(root: Path, built_in: bool = False):
+def launch(root: Path):
     """The comparison through the CLI with two jobs interrupted mid-run; then the same command again."""
     root.mkdir(parents=True, exist_ok=True)
-    config, out = write_config(root, built_in), root / "cmp"
+    config, out = write_config(root), root / "cmp"
+    environment = job_environment(root / "cache")
     started = time.monotonic()
-    command = subprocess.Popen(compare_command(config, out), env=job_environment(), stdout=subprocess.PIPE, text=True)
+    command = subprocess.Popen(compare_command(config, out), env=environment, stdout=subprocess.PIPE, text=True)
     os.kill(task_process(out, out / "seed0" / "finetune"), signal.SIGUSR2)  # pre-emption: submitit requeues
     os.kill(task_process(out, out / "seed1" / "finetune"), signal.SIGKILL)  # node failure: robustft resubmits
     first_output, _ = command.communicate(timeout=1200)
     first_seconds = time.monotonic() - started
     registry = json.loads((out / JOBS_FILE).read_text())
     registry["manifest"] = json.loads((out / "compare_runs.json").read_text())["runs"]  # before the second call
-    again = subprocess.run(compare_command(config, out), env=job_environment(), capture_output=True, text=True)
+    again = subprocess.run(compare_command(config, out), env=environment, capture_output=True, text=True)
     return config, out, command.returncode, first_output, first_seconds, registry, again
 
 
@@ -181,7 +190,7 @@ def test_the_same_command_again_submits_nothing_and_gives_the_same_leaderboard(l
 @pytest.mark.slow
 def test_a_running_job_of_an_earlier_call_is_waited_for_not_submitted_again(tmp_path):
     """The first command is stopped while its jobs run; the second attaches to them by job id."""
-    config, out = write_config(tmp_path), tmp_path / "cmp"
+    config, out = write_config(tmp_path, steps=400), tmp_path / "cmp"  # still running when the second call starts
     command = compare_command(config, out)
     command[command.index("--methods") + 1] = "finetune"
     command[command.index("--seeds") + 1] = "0"
@@ -258,13 +267,3 @@ def test_a_job_with_two_processes_trains_under_torchrun_on_the_cpu(tmp_path, cap
     got = load_state_dict_file(plans["finetune"].run_dir / FINAL_CHECKPOINT)
     expected = load_state_dict_file(one_process.run_dir / FINAL_CHECKPOINT)
     assert max((got[key] - expected[key]).abs().max().item() for key in expected) < 1e-5
-
-
-@pytest.mark.slow
-def test_the_comparison_on_the_built_in_benchmark_survives_a_preemption_and_a_kill(tmp_path):
-    """The scenario above on digits-shift: every job generates (or reads from the data cache) the benchmark."""
-    launched = launch(tmp_path / "launch", built_in=True)
-    test_every_run_is_one_job_and_the_leaderboard_has_every_method_and_seed(launched)
-    test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_weights(launched, tmp_path / "preempted")
-    test_a_killed_job_is_resubmitted_and_resumes_to_the_uninterrupted_results(launched, tmp_path / "killed")
-    test_the_same_command_again_submits_nothing_and_gives_the_same_leaderboard(launched)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_launchers import METHODS, SEEDS, compare_command, job_environment, write_config
+from test_launchers import METHODS, SEEDS, compare_command, job_environment, job_runs, write_config
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch")
@@ -113,11 +113,15 @@ def test_a_comparison_runs_through_sbatch(slurm, tmp_path):
     config, out = write_config(tmp_path), tmp_path / "cmp"
     command = compare_command(config, out)
     command[command.index("--cluster") + 1] = "slurm"
-    result = subprocess.run(command, env=job_environment() | slurm, capture_output=True, text=True, timeout=1500)
+    started = time.monotonic()
+    environment = job_environment(tmp_path / "cache") | slurm
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"comparison through sbatch: {time.monotonic() - started:.1f} s")
     leaderboard = json.loads((out / "leaderboard.json").read_text())
     assert list(leaderboard["methods"]) == METHODS and leaderboard["seeds"] == SEEDS
     runs = json.loads((out / "launcher_jobs.json").read_text())["runs"]
-    assert len(runs) == len(METHODS) * len(SEEDS) and all(entry["state"] == "fitted" for entry in runs.values())
+    assert sorted(runs) == sorted(str(out / f"seed{seed}" / method) for seed, method in job_runs())
+    assert all(entry["state"] == "fitted" for entry in runs.values())
     submitted = list((out / "jobs").rglob("*_submission.sh"))
     assert submitted and "#SBATCH" in submitted[0].read_text()  # written by submitit, not robustft

@@ -12,13 +12,14 @@ docs/distributed.md says which method takes which path.
 
 Every helper here is a no-op (or the identity) in a single process, so methods may call them freely:
 ``is_main_process``, ``rank``, ``world_size``, ``barrier``, ``broadcast_object``, ``broadcast_module``,
-``all_reduce_sum_``, ``shard_range``, ``ShardView`` and ``gather_shards``.
+``all_reduce_sum_``, ``shard_range``, ``ShardView``, ``gather_shards`` and ``gather_with_grad``.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -269,6 +270,43 @@ def gather_shards(tensor: Tensor) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(gathered, padded)
     return torch.cat([part[: shape[0]] for part, shape in zip(gathered, shapes, strict=True)]).cpu()
+
+
+def shard_sizes(count: int) -> list[int]:
+    """Every rank's ``count`` (rows of its part of a batch), in rank order, on every rank: one small all-gather
+    (a host sync on GPUs); ``[count]`` in one process."""
+    if world_size() <= 1:
+        return [count]
+    local = torch.tensor([count], device=_comm_device())
+    counts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(counts, local)
+    return torch.cat(counts).tolist()
+
+
+def gather_with_grad(tensor: Tensor, rows: list[int] | None = None) -> tuple[Tensor, int]:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, differentiable, and where this rank's rows
+    start in it (``(tensor, 0)`` in one process).
+
+    A loss over a global batch (CLIP's contrastive loss, whose negatives are the batch's other pairs) needs every
+    rank's embeddings. The gather is torch's differentiable ``all_gather``, the one open_clip's
+    ``gather_features(gather_with_grad=True)`` calls: its backward hands each rank the sum over ranks of the
+    gradients with respect to that rank's rows, so with each rank's loss over its own rows against all rows
+    (open_clip's ``local_loss=True``) and DDP's mean, the gradients are those of the 1-process global batch.
+    open_clip's gather itself assumes equally long shards; the engine's last global batch may split unevenly, so
+    the shards are padded to the longest and trimmed after. ``rows`` are the ranks' row counts
+    (:func:`shard_sizes`), exchanged here when not given.
+    """
+    if world_size() <= 1:
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    rows = shard_sizes(tensor.shape[0]) if rows is None else rows
+    longest = max(rows)
+    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.ndim - 1) + (0, longest - tensor.shape[0]))
+    with warnings.catch_warnings():  # deprecated for a private successor; open_clip's gather calls it too
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(padded)
+    return torch.cat([part[:length] for part, length in zip(parts, rows, strict=True)]), sum(rows[: rank()])
 
 
 # ---------------------------------------------------------------------------- gradient averaging

@@ -15,12 +15,17 @@ pretraining, which is where FLYP finds its OOD gains over FT and WiSE-FT.
 Decisions (read in locuslab/FLYP):
 
 - Captions: one template per sample, drawn uniformly from the run's ``model.templates`` by a
-  generator seeded with the run's seed and saved in checkpoints (resume draws the same captions).
+  generator seeded with the run's seed and saved in checkpoints (resume draws the same captions);
+  under several processes every rank draws for the global batch and keeps its rows.
   The reference pre-writes captions to a CSV; the draw is the same idea without the file.
 - Two images of one class in a batch may get the same caption; like the reference, the loss still
   treats the other pair as a negative (no de-duplication).
 - ``logit_scale`` is trained and clamped to ``log(max_logit_scale)`` after each step, as in open_clip
   training; the final head carries the tuned scale (the reference's ``get_zeroshot_classifier``).
+- Several processes (DDP): every rank's image and caption embeddings are gathered with their gradients
+  (``distributed.gather_with_grad``) and each rank scores its own pairs against the whole global batch's,
+  open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``; with the engine's per-rank loss weights
+  and DDP's mean that is the gradient of the 1-process loss over the global batch (docs/distributed.md).
 - The text tower is re-loaded from the run's ``model:`` section (the classifier only holds the image
   tower); a model without a text tower is refused at ``prepare`` with ``UnsupportedModelError``.
 """
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from robustft import distributed
 from robustft.backbones.classifier import ImageClassifier
 from robustft.config import MethodConfig
 from robustft.errors import UnsupportedModelError
@@ -60,6 +66,27 @@ def clip_contrastive_loss(image_embeddings: Tensor, text_embeddings: Tensor, log
     logits = logit_scale * image_embeddings @ text_embeddings.T
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def local_contrastive_loss(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    all_image_embeddings: Tensor,
+    all_text_embeddings: Tensor,
+    logit_scale: Tensor | float,
+    offset: int,
+) -> Tensor:
+    """:func:`clip_contrastive_loss`'s rows for one rank's pairs, scored against the whole global batch.
+
+    The local pairs are rows ``offset .. offset + B_local`` of the gathered ``all_*`` embeddings; each local image
+    picks its caption among all captions and each local caption its image among all images (open_clip's
+    ``ClipLoss`` with ``local_loss=True``). The mean of this over ranks, each weighted by its share of the global
+    batch, is :func:`clip_contrastive_loss` of the global batch.
+    """
+    logits_per_image = logit_scale * image_embeddings @ all_text_embeddings.T
+    logits_per_text = logit_scale * text_embeddings @ all_image_embeddings.T
+    targets = torch.arange(image_embeddings.shape[0], device=image_embeddings.device) + offset
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
 class FlypModel(nn.Module):
@@ -120,18 +147,32 @@ class Flyp(Method):
         model.head.requires_grad_(False)  # rebuilt from the text tower at finalize
         return FlypModel(model, text_model.to(ctx.device))
 
-    def caption_tokens(self, labels: Tensor) -> Tensor:
-        """Token ids of one caption per sample: a random template (seeded) filled with its class name."""
+    def caption_tokens(self, labels: Tensor, offset: int = 0, total: int | None = None) -> Tensor:
+        """Token ids of one caption per sample: a random template (seeded) filled with its class name.
+
+        Under several processes the draw is for the whole global batch of ``total`` samples and this rank takes
+        its rows from ``offset``, so every rank draws the captions one process draws for the same batch.
+        """
         if self.tokens is None:
             raise RuntimeError("Flyp.caption_tokens called before prepare")
-        choice = torch.randint(len(self.templates), (labels.shape[0],), generator=self.generator)
+        total = labels.shape[0] if total is None else total
+        choice = torch.randint(len(self.templates), (total,), generator=self.generator)[offset : offset + len(labels)]
         return self.tokens[labels, choice.to(labels.device, non_blocking=True)]
 
     def loss(self, model: nn.Module, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         images, labels = batch
+        scale = model.logit_scale.exp()
         image_embeddings = F.normalize(model.classifier.image_embedding(images), dim=-1)
-        text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels)), dim=-1)
-        loss = clip_contrastive_loss(image_embeddings, text_embeddings, model.logit_scale.exp())
+        if distributed.world_size() == 1:
+            text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels)), dim=-1)
+            loss = clip_contrastive_loss(image_embeddings, text_embeddings, scale)
+        else:  # the global batch's captions, and one gather of both embeddings, in rank order
+            rows = distributed.shard_sizes(labels.shape[0])
+            offset = sum(rows[: distributed.rank()])
+            text_embeddings = F.normalize(model.encode_text(self.caption_tokens(labels, offset, sum(rows))), dim=-1)
+            pairs, _ = distributed.gather_with_grad(torch.cat([image_embeddings, text_embeddings], dim=1), rows)
+            all_images, all_texts = pairs.split([image_embeddings.shape[1], text_embeddings.shape[1]], dim=1)
+            loss = local_contrastive_loss(image_embeddings, text_embeddings, all_images, all_texts, scale, offset)
         return loss, {"logit_scale": model.logit_scale.detach().exp()}
 
     def after_step(self, model: nn.Module, step: int) -> None:
