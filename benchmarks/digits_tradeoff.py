@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/digits_tradeoff.py --seeds 0 1 2 --out benchmarks/results/digits_tradeoff.json
        python benchmarks/digits_tradeoff.py --model glyph_clip --methods zeroshot,finetune,wise_ft \
-           --split-sizes id_val=1000,id_test=2000,ood_fonts=1000,ood_corruption=1000,ood_color=1000,ood_rotation=1000 \
+           --split-sizes train=800,id_val=1000,id_test=2000,ood_fonts=1000,ood_corruption=1000,\
+ood_color=1000,ood_rotation=1000 \
            --out benchmarks/results/glyphs_tradeoff.json   (the tiny CLIP on glyphs-shift, larger test splits)
 
 Writes per-seed results of every method and, per seed, whether FT beats ZS on ID while its OOD

@@ -12,7 +12,11 @@ if os.environ.get("ROBUSTFT_TEST_DEVICE", "cpu") == "cpu":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# CI has 2 cores; ROBUSTFT_TEST_THREADS=1 lets two test processes share them without thrashing.
+# CI has 2 cores. Under pytest-xdist (``-n 2``, one worker per core) each worker and every process it starts
+# runs one thread: two multi-threaded torch processes on 2 cores slow each other 10-20x. Otherwise
+# ROBUSTFT_TEST_THREADS (default 2) sets the threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["ROBUSTFT_TEST_THREADS"] = "1"
 torch.set_num_threads(int(os.environ.get("ROBUSTFT_TEST_THREADS", "2")))
 
 
@@ -24,3 +28,13 @@ def digits_prepared(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("prepared")
     return prepare_run(demo_config("zeroshot", 0, out), log=lambda message: None)
+
+
+# Files that take minutes go first, so that under ``-n 2 --dist loadfile`` neither worker is left alone with one
+# of them at the end (order within a file is kept).
+LONG_FILES = ("test_launchers.py", "test_fsdp.py", "test_user_path.py", "test_distributed.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

@@ -33,16 +33,17 @@ DEMO_RECIPE: dict[str, Any] = {
 METHOD_OPTIM: dict[str, dict[str, Any]] = {"lora": {"lr": 1e-3}, "mixture_of_adapters": {"lr": 3e-3}}
 # Model Soups need several fine-tunes from one initialisation: the main run plus these learning rates.
 SOUP_LEARNING_RATES = (1e-4, 1e-3)
-# The tiny CLIP's demo budget: one step of its image tower costs about as much as the digits ViT's, and every
-# method must fit 6 minutes on two CPU cores, so its demo trains 50 steps of 32 images (2 epochs of 800) and
-# evaluates on 500-1,000-image splits. Fine-tuning still shows the trade-off after those 50 steps
-# (docs/benchmarks.md has the budget's measurements and the larger-split, three-seed runs).
+# The tiny CLIP's demo budget: a step of its image tower costs about what the digits ViT's does, and every
+# method must fit 6 minutes on two CPU cores, so its demo trains 40 steps of 32 images (2 epochs of 640),
+# evaluates on 300-600-image splits and makes its soup from one extra fine-tune. Fine-tuning still shows the
+# trade-off after those steps (docs/benchmarks.md has the budget's measurements and three-seed runs on larger splits).
 MODEL_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "glyph_clip": {"data": {"batch_size": 32}, "train": {"epochs": 2}},
 }
+MODEL_SOUP_LEARNING_RATES: dict[str, tuple[float, ...]] = {"glyph_clip": (1e-3,)}
 DEMO_SPLIT_SIZES = {
-    "train": 800, "id_val": 500, "id_test": 1000,
-    "ood_fonts": 500, "ood_corruption": 500, "ood_color": 500, "ood_rotation": 500,
+    "train": 640, "id_val": 400, "id_test": 600,
+    "ood_fonts": 300, "ood_corruption": 300, "ood_color": 300, "ood_rotation": 300,
 }  # fmt: skip
 BUILTIN_MODELS = ("glyph_clip", "digits_vit")
 # Post-hoc sweeps in the demo: three interior mixing coefficients instead of nine, each one a forward over
@@ -84,6 +85,7 @@ __all__ = [
     "INGREDIENTS_DIR",
     "METHOD_OPTIM",
     "MODEL_RECIPES",
+    "MODEL_SOUP_LEARNING_RATES",
     "SOUP_LEARNING_RATES",
     "demo_config",
     "run_demo",
@@ -144,7 +146,8 @@ def run_demo(
     Returns the first seed's merged results (``{"benchmark", "seed", "methods"}``, as ``runner.fit``
     returns for one run) plus ``total_seconds`` and the ``leaderboard``. Only the methods asked for
     run (default: all registered), plus the ``finetune`` run that post-hoc methods combine; soups also
-    get fine-tunes at ``SOUP_LEARNING_RATES`` in ``out/soup_ingredients/``. With one seed the runs sit
+    get fine-tunes at ``SOUP_LEARNING_RATES`` (``MODEL_SOUP_LEARNING_RATES`` for the tiny CLIP) in
+    ``out/soup_ingredients/``. With one seed the runs sit
     directly in ``out/``; with several (``seeds``) in ``out/seed<k>/``. Finished runs are reused.
     """
     start = time.perf_counter()
@@ -152,7 +155,7 @@ def run_demo(
     base = demo_config("finetune", seeds[0], out, epochs, progress=progress, model=model, split_sizes=split_sizes)
     settings = CompareSection(
         optim=METHOD_OPTIM,
-        soup_learning_rates=list(SOUP_LEARNING_RATES),
+        soup_learning_rates=list(MODEL_SOUP_LEARNING_RATES.get(model, SOUP_LEARNING_RATES)),
         options=MODEL_METHOD_OPTIONS.get(model, {}),
     )
     comparison = execute_comparison(
