@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import robustft
 from bad_input_support import cli_error, tree_bytes
@@ -81,16 +82,22 @@ def timm_runs(tmp_path_factory):
     return root, runs, pretrained
 
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_clip")
-    config_path = root / "robustft-test-export-clip.json"
+def tiny_clip_checkpoint(root: Path, name: str) -> tuple[dict, nn.Module]:
+    """A tiny random OpenCLIP ViT-B-32 saved under ``root``, and the ``model:`` section that loads it."""
+    config_path = root / f"{name}.json"
     config_path.write_text(json.dumps(TINY_CLIP))
     torch.manual_seed(0)
     pretrained = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
     checkpoint = root / "clip.safetensors"
     save_state_dict_file(pretrained.state_dict(), checkpoint)
     model = {"source": "open_clip", "name": str(config_path), "checkpoint": str(checkpoint), "templates": ["a {}."]}
+    return model, pretrained
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_clip")
+    model, pretrained = tiny_clip_checkpoint(root, "robustft-test-export-clip")
     fit(parse_config(run_config(root, "ft", model, {"name": "finetune"}, write_shapes_dataset(root / "data"))), quiet)
     return root, root / "runs" / "ft", pretrained
 
@@ -100,13 +107,7 @@ def clip_lora_runs(tmp_path_factory):
     """LoRA runs over the tiny random OpenCLIP model: attention in_proj + out_proj with the adapter file; only
     in_proj, merged only (factors from the weights); the MLP linears and out_proj (in_proj left alone)."""
     root = tmp_path_factory.mktemp("export_clip_lora")
-    config_path = root / "robustft-test-export-clip-lora.json"
-    config_path.write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    pretrained = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
-    checkpoint = root / "clip.safetensors"
-    save_state_dict_file(pretrained.state_dict(), checkpoint)
-    model = {"source": "open_clip", "name": str(config_path), "checkpoint": str(checkpoint), "templates": ["a {}."]}
+    model, pretrained = tiny_clip_checkpoint(root, "robustft-test-export-clip-lora")
     data = write_shapes_dataset(root / "data")
     runs = {}
     for name, method in (

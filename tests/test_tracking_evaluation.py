@@ -21,16 +21,20 @@ from robustft.tracking import MLFLOW_DATABASE, MLFLOW_RUN_ID_FILE, TENSORBOARD_D
 _BLOCK, _HEADER = 32768, 7  # W&B's offline file: LevelDB log framing, 32 KiB blocks, 7-byte record headers
 
 
-def tiny_run(root: Path, **train: bool) -> Path:
-    raw = {
-        "name": "tracked",
+def tiny_finetune(root: Path, name: str, **train: bool) -> dict:
+    """A two-step fine-tune of the shapes data, trackers as ``train`` sets them."""
+    return {
+        "name": name,
         "output_dir": str(root / "runs"),
         "data": write_shapes_dataset(root / "data"),
         "method": {"name": "finetune"},
         "optim": {"lr": 1e-3, "weight_decay": 0.0},
         "train": {"steps": 2, "log_every": 1, "progress": False, "checkpoint_every": 10, **train},
     }
-    fit(parse_config(raw), log=lambda message: None)
+
+
+def tiny_run(root: Path, **train: bool) -> Path:
+    fit(parse_config(tiny_finetune(root, "tracked", **train)), log=lambda message: None)
     return root / "runs" / "tracked"
 
 
@@ -123,14 +127,7 @@ def tracked_comparison(root: Path, **train: bool) -> tuple[Path, dict]:
     """``robustft compare`` of zero-shot, fine-tune and linear probe on the shapes data, trackers on."""
     from robustft.compare import execute_comparison
 
-    raw = {
-        "name": "finetune",
-        "output_dir": str(root / "runs"),
-        "data": write_shapes_dataset(root / "data"),
-        "method": {"name": "finetune"},
-        "optim": {"lr": 1e-3, "weight_decay": 0.0},
-        "train": {"steps": 2, "log_every": 1, "progress": False, "checkpoint_every": 10, **train},
-    }
+    raw = tiny_finetune(root, "finetune", **train)
     out = root / "compare"
     comparison = execute_comparison(
         parse_config(raw), ["zeroshot", "finetune", "linear_probe"], [0], out, log=lambda message: None

@@ -81,10 +81,14 @@ def predict_cached(
     extractors' cached features (``robustft.feature_cache``): a linear probe on the zero-shot backbone costs no
     backbone pass once the zero-shot model was scored.
     """
-    if cache is None:
+
+    def uncached() -> tuple[Tensor, Tensor]:
         if in_class_space:
             return predict_in_class_space(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
         return predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+
+    if cache is None:
+        return uncached()
     space = class_space_of(dataset) if in_class_space else None
     parts = getattr(predictor, "logit_parts", None)
     if parts is not None and (space is None or getattr(predictor, "set_class_space", None) is None):
@@ -112,9 +116,7 @@ def predict_cached(
             return predict_from_features(
                 predictor, extractors, dataset, device, batch_size, num_workers, cache, autocast_dtype, in_class_space
             )
-        if in_class_space:
-            return predict_in_class_space(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
-        return predict(predictor, dataset, device, batch_size, num_workers, autocast_dtype)
+        return uncached()
 
     return cache.get_or_compute(key, dataset, compute)
 
