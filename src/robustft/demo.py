@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +34,40 @@ DEMO_RECIPE: dict[str, Any] = {
 METHOD_OPTIM: dict[str, dict[str, Any]] = {"lora": {"lr": 1e-3}, "mixture_of_adapters": {"lr": 3e-3}}
 # Model Soups need several fine-tunes from one initialisation: the main run plus these learning rates.
 SOUP_LEARNING_RATES = (1e-4, 1e-3)
-# The tiny CLIP's demo budget: a step of its image tower costs about what the digits ViT's does, and every
-# method must fit 6 minutes on two CPU cores, so its demo trains 40 steps of 32 images (2 epochs of 640),
-# evaluates on 300-600-image splits and makes its soup from one extra fine-tune. Fine-tuning still shows the
-# trade-off after those steps (docs/benchmarks.md has the budget's measurements and three-seed runs on larger splits).
-MODEL_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "glyph_clip": {"data": {"batch_size": 32}, "train": {"epochs": 2}},
-}
-MODEL_SOUP_LEARNING_RATES: dict[str, tuple[float, ...]] = {"glyph_clip": (1e-3,)}
 DEMO_SPLIT_SIZES = {
     "train": 640, "id_val": 400, "id_test": 600,
     "ood_fonts": 300, "ood_corruption": 300, "ood_color": 300, "ood_rotation": 300,
 }  # fmt: skip
 BUILTIN_MODELS = ("glyph_clip", "digits_vit")
-# Post-hoc sweeps in the demo: three interior mixing coefficients instead of nine, each one a forward over
-# every split (the full sweep stays the default for users' runs).
+# Post-hoc sweeps in the tiny CLIP's demo: three interior mixing coefficients instead of nine, each one a
+# forward over every split (the full sweep stays the default for users' runs).
 DEMO_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
-MODEL_METHOD_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "glyph_clip": {"wise_ft": {"alphas": DEMO_ALPHAS}, "output_ensemble": {"alphas": DEMO_ALPHAS}},
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What the demo changes for one built-in model on top of ``DEMO_RECIPE``: data and train keys, the
+    soup ingredients' learning rates and per-method options."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    soup_learning_rates: tuple[float, ...] = SOUP_LEARNING_RATES
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# The tiny CLIP's demo budget: a step of its image tower costs about what the digits ViT's does, and every
+# method must fit 6 minutes on two CPU cores, so its demo trains 40 steps of 32 images (2 epochs of 640),
+# evaluates on 300-600-image splits (``DEMO_SPLIT_SIZES``), makes its soup from one extra fine-tune and sweeps
+# ``DEMO_ALPHAS``. Fine-tuning still shows the trade-off after those steps (docs/benchmarks.md has the
+# budget's measurements and three-seed runs on larger splits).
+MODEL_RECIPES: dict[str, ModelRecipe] = {
+    "digits_vit": ModelRecipe(),
+    "glyph_clip": ModelRecipe(
+        data={"batch_size": 32},
+        train={"epochs": 2},
+        soup_learning_rates=(1e-3,),
+        method_options={"wise_ft": {"alphas": DEMO_ALPHAS}, "output_ensemble": {"alphas": DEMO_ALPHAS}},
+    ),
 }
 
 
@@ -85,7 +102,7 @@ __all__ = [
     "INGREDIENTS_DIR",
     "METHOD_OPTIM",
     "MODEL_RECIPES",
-    "MODEL_SOUP_LEARNING_RATES",
+    "ModelRecipe",
     "SOUP_LEARNING_RATES",
     "demo_config",
     "run_demo",
@@ -115,16 +132,16 @@ def demo_config(
     ``split_sizes`` the tiny CLIP's glyphs-shift split sizes.
     """
     model_section, data_section = builtin_model_sections(model, split_sizes)
-    recipe = MODEL_RECIPES.get(model, {})
+    recipe = MODEL_RECIPES[model]
     raw = {
         "name": name or method,
         "seed": seed,
         "output_dir": str(out),
         "method": {"name": method, **(method_options or {})},
         "model": model_section,
-        "data": {**DEMO_RECIPE["data"], **recipe.get("data", {}), **data_section},
+        "data": {**DEMO_RECIPE["data"], **recipe.data, **data_section},
         "optim": {**DEMO_RECIPE["optim"], **METHOD_OPTIM.get(method, {}), **(optim or {})},
-        "train": {**DEMO_RECIPE["train"], **recipe.get("train", {}), **train, **({"epochs": epochs} if epochs else {})},
+        "train": {**DEMO_RECIPE["train"], **recipe.train, **train, **({"epochs": epochs} if epochs else {})},
     }
     return checked(parse_config(raw, source=f"demo:{method}"), f"demo:{method}")
 
@@ -146,7 +163,7 @@ def run_demo(
     Returns the first seed's merged results (``{"benchmark", "seed", "methods"}``, as ``runner.fit``
     returns for one run) plus ``total_seconds`` and the ``leaderboard``. Only the methods asked for
     run (default: all registered), plus the ``finetune`` run that post-hoc methods combine; soups also
-    get fine-tunes at ``SOUP_LEARNING_RATES`` (``MODEL_SOUP_LEARNING_RATES`` for the tiny CLIP) in
+    get fine-tunes at the model recipe's ``soup_learning_rates`` (``MODEL_RECIPES``) in
     ``out/soup_ingredients/``. With one seed the runs sit
     directly in ``out/``; with several (``seeds``) in ``out/seed<k>/``. Finished runs are reused.
     """
@@ -155,8 +172,8 @@ def run_demo(
     base = demo_config("finetune", seeds[0], out, epochs, progress=progress, model=model, split_sizes=split_sizes)
     settings = CompareSection(
         optim=METHOD_OPTIM,
-        soup_learning_rates=list(MODEL_SOUP_LEARNING_RATES.get(model, SOUP_LEARNING_RATES)),
-        options=MODEL_METHOD_OPTIONS.get(model, {}),
+        soup_learning_rates=list(MODEL_RECIPES[model].soup_learning_rates),
+        options=MODEL_RECIPES[model].method_options,
     )
     comparison = execute_comparison(
         base,

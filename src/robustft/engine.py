@@ -28,6 +28,7 @@ from robustft.data import training_loader
 from robustft.errors import CheckpointError, ConfigError, RobustftError
 from robustft.files import atomic_write_text
 from robustft.methods.base import Method, RunContext
+from robustft.precision import autocast_context, autocast_dtype
 from robustft.safe_io import read_jsonl
 from robustft.tracking import flat_params, open_tracker
 
@@ -82,15 +83,6 @@ def out_of_memory_advice(batch_size: int, accumulation: int, device: torch.devic
     )
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype forward passes run in under ``train.precision`` (auto: bf16 on a GPU); None: fp32, no autocast.
-
-    Training, evaluation and every pre-pass use it, so a GPU run does not score its splits in fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Channels-last memory helps convolutions on a GPU (cuDNN's NHWC kernels); a ViT has one patch conv at
     most and the CPU gains nothing, so only a CUDA model with several convolutions is converted."""
@@ -140,8 +132,7 @@ class Engine:
         return per_epoch * self.train.epochs
 
     def autocast(self, device: torch.device):
-        dtype = autocast_dtype(self.train.precision, device)
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        return autocast_context(device, autocast_dtype(self.train.precision, device))
 
     def syncs_every_step(self, device: torch.device) -> bool:
         if distributed.world_size() > 1:  # the ranks agree on the loss (and on stopping) every step

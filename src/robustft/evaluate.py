@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -16,12 +15,8 @@ from robustft.distributed import ShardView, gather_shards, world_size
 from robustft.errors import DataError
 from robustft.feature_cache import apply_in_batches, feature_extractors, split_features
 from robustft.logit_cache import LogitCache, predictor_fingerprint
+from robustft.precision import autocast_context
 from robustft.progress import advance_current
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device`` (the run's precision, ``engine.autocast_dtype``); None: fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.no_grad()

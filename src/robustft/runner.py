@@ -26,14 +26,15 @@ from robustft.backbones.factory import build_classifier, load_backbone
 from robustft.class_spaces import IDENTITY, ClassSpace, class_space_of, training_class_space
 from robustft.config import RunConfig, load_config, write_resolved_config
 from robustft.data import auto_num_workers, load_splits, sequential_loader
-from robustft.engine import Engine, OutOfMemoryError, autocast_dtype, resolve_device, seed_everything
+from robustft.engine import Engine, OutOfMemoryError, resolve_device, seed_everything
 from robustft.errors import CheckpointError, ConfigError, RobustftError, RunDirectoryError, UnsupportedModelError
-from robustft.evaluate import autocast_context, evaluate_splits, summarize
+from robustft.evaluate import evaluate_splits, summarize
 from robustft.files import atomic_write_json
 from robustft.layout import FINAL_CHECKPOINT, METRICS_FILE, RESULTS_FILE
 from robustft.logit_cache import LogitCache
 from robustft.methods import build_method, method_options
 from robustft.methods.base import Method, PosthocMethod, RunContext
+from robustft.precision import autocast_context, autocast_dtype
 from robustft.results_schema import declared_by, results_document
 from robustft.run_directory import (
     RunLock,
