@@ -144,3 +144,20 @@ def test_report_shows_active_params_only_when_a_method_has_them():
     methods = {"finetune": entry, "saft": {**entry, "active_params": 8}}
     header, rows = results_table({"benchmark": "b", "methods": methods})
     assert header[-1] == "active params" and [row[-1] for row in rows] == ["-", "8"]
+
+
+@pytest.mark.parametrize("name", ["mixout", "gmixout", "saft"])
+def test_a_selection_that_matches_nothing_is_named_before_training(name):
+    """Mixout, GMixout and SAFT refuse ``include`` / ``scope`` picking no tensor in ``check_model`` (the preflight,
+    before any run starts) and in ``prepare``, with the same line."""
+    from robustft.errors import ConfigError
+    from robustft.methods import get_method
+
+    method_class = get_method(name)
+    method = method_class(method_class.config_cls(include=r"no_such_tensor$"))
+    problem = method.check_model(tiny_model(), {})
+    assert problem is not None and problem.startswith(f"method.scope / method.include: {name} found no tensor"), problem
+    assert "include='no_such_tensor$' exclude=" in problem, problem
+    with pytest.raises(ConfigError, match=f"{name} found no tensor"):
+        method.prepare(tiny_model(), None)
+    assert method_class(method_class.config_cls(include="")).check_model(tiny_model(), {}) is None

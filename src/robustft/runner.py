@@ -203,25 +203,12 @@ def fit(
         if main:
             metadata = final_metadata(predictor, ctx.model_spec, ctx.class_names, method.result_name)
             save_predictor(predictor, method, run_dir, initial, log, metadata)
-        scaling = config.evaluate.temperature_scaling
-        predictions: dict[str, Any] = {}
         batches = progress.batch_count(ctx.splits, ctx.eval_batch_size)
         with (
             eval_memory_advice(config, ctx.device),
             progress.phase(f"{method.result_name}: evaluating", batches, shown),
         ):
-            metrics = evaluate_splits(
-                predictor,
-                ctx.splits,
-                ctx.device,
-                ctx.eval_batch_size,
-                ctx.num_workers,
-                temperature_scaling=scaling,
-                predictions=predictions,
-                cache=ctx.logit_cache,
-                autocast_dtype=ctx.autocast_dtype,
-            )
-        entry = summarize(metrics) | confidence_intervals(predictions)
+            entry, predictions = scored_entry(predictor, ctx, config.evaluate.temperature_scaling, ctx.logit_cache)
         entry |= {"train_seconds": train_seconds, "trainable_params": trainable, "steps": summary.steps}
         entry |= {key: value for key, value in ctx.extras.items() if is_json_value(value)} | declared_by(method)
         results = results_document(prepared.benchmark, config.seed, {method.result_name: entry})
@@ -269,6 +256,26 @@ def write_results(
     except RobustftError:
         log(f"not saved, the results were: {json.dumps(results)}")
         raise
+
+
+def scored_entry(
+    predictor: nn.Module, ctx: RunContext, temperature_scaling: bool, cache: LogitCache | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A predictor's results entry on every split of ``ctx`` (metrics, summary, 95% intervals) and the per-image
+    predictions they come from."""
+    predictions: dict[str, Any] = {}
+    metrics = evaluate_splits(
+        predictor,
+        ctx.splits,
+        ctx.device,
+        ctx.eval_batch_size,
+        ctx.num_workers,
+        temperature_scaling=temperature_scaling,
+        predictions=predictions,
+        cache=cache,
+        autocast_dtype=ctx.autocast_dtype,
+    )
+    return summarize(metrics) | confidence_intervals(predictions), predictions
 
 
 def confidence_intervals(predictions: dict[str, Any]) -> dict[str, Any]:
@@ -429,20 +436,8 @@ def _evaluate_locked(
     check_checkpoint_classes(run_dir / FINAL_CHECKPOINT, prepared.ctx.class_names)
     predictor = method.load_predictor(prepared.model, run_dir / FINAL_CHECKPOINT, config.model.name)
     ctx = prepared.ctx
-    scaling = config.evaluate.temperature_scaling
-    predictions: dict[str, Any] = {}
     with eval_memory_advice(config, ctx.device):
-        metrics = evaluate_splits(
-            predictor,
-            ctx.splits,
-            ctx.device,
-            ctx.eval_batch_size,
-            ctx.num_workers,
-            temperature_scaling=scaling,
-            predictions=predictions,
-            autocast_dtype=ctx.autocast_dtype,
-        )
-    entry = summarize(metrics) | confidence_intervals(predictions)
+        entry, predictions = scored_entry(predictor, ctx, config.evaluate.temperature_scaling, None)
     name = method.result_name
     if saved:
         name = next(iter(saved)) if len(saved) == 1 else name  # keeps a composed run's "gmixout+vrf"

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustft.errors import ConfigError
+
 Scope = Literal["linear", "matrices", "all"]
 NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "positional_embedding")
 
@@ -86,6 +88,25 @@ def select_parameters(
         if in_scope and re.search(include, name) and not (exclude and re.search(exclude, name)):
             names.append(name)
     return names
+
+
+def empty_selection(model: nn.Module, method: str, scope: Scope, include: str, exclude: str | None) -> str | None:
+    """The one-line complaint when ``scope`` / ``include`` / ``exclude`` pick no tensor of ``model``, else None
+    (a method's ``check_model``: the preflight names it before any training starts)."""
+    if select_parameters(model, scope, include, exclude):
+        return None
+    return (
+        f"method.scope / method.include: {method} found no tensor for scope={scope!r} include={include!r} "
+        f"exclude={exclude!r}"
+    )
+
+
+def selected_parameters(model: nn.Module, method: str, scope: Scope, include: str, exclude: str | None) -> list[str]:
+    """``select_parameters``, refusing an empty selection with ``empty_selection``'s line."""
+    problem = empty_selection(model, method, scope, include, exclude)
+    if problem is not None:
+        raise ConfigError(problem)
+    return select_parameters(model, scope, include, exclude)
 
 
 def decays(name: str, parameter: Tensor) -> bool:

@@ -42,14 +42,14 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustft.config import MethodConfig
-from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, record_preset, register_method
 from robustft.sparse import (
     Scope,
     SparseUpdate,
+    empty_selection,
     merge_sparse,
     remap_optimizer_state,
-    select_parameters,
+    selected_parameters,
     sparse_parameter_groups,
     sparse_updates,
     sparsify,
@@ -174,21 +174,11 @@ class GMixout(Method):
     def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
         """The tensors ``scope`` / ``include`` / ``exclude`` pick must exist on this model."""
         cfg = self.config
-        if not select_parameters(model, cfg.scope, cfg.include, cfg.exclude):
-            return (
-                f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
-                f"include={cfg.include!r}"
-            )
-        return None
+        return empty_selection(model, "gmixout", cfg.scope, cfg.include, cfg.exclude)
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
-        names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
-        if not names:
-            raise ConfigError(
-                f"method.scope / method.include: gmixout found no tensor for scope={cfg.scope!r} "
-                f"include={cfg.include!r} exclude={cfg.exclude!r}"
-            )
+        names = selected_parameters(model, "gmixout", cfg.scope, cfg.include, cfg.exclude)
         if not cfg.train_others:
             model.requires_grad_(False)
         device = model.get_parameter(names[0]).device

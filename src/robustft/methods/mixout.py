@@ -31,9 +31,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from robustft.config import MethodConfig
-from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, record_preset, register_method
-from robustft.sparse import Scope, select_parameters
+from robustft.sparse import Scope, empty_selection, selected_parameters
 
 Granularity = Literal["input", "element", "output"]
 
@@ -143,20 +142,11 @@ class Mixout(Method):
     def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
         """The tensors ``scope`` / ``include`` / ``exclude`` pick must exist on this model."""
         cfg = self.config
-        if not select_parameters(model, cfg.scope, cfg.include, cfg.exclude):
-            return (
-                f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} include={cfg.include!r}"
-            )
-        return None
+        return empty_selection(model, "mixout", cfg.scope, cfg.include, cfg.exclude)
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
-        names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
-        if not names:
-            raise ConfigError(
-                f"method.scope / method.include: mixout found no tensor for scope={cfg.scope!r} "
-                f"include={cfg.include!r} exclude={cfg.exclude!r}"
-            )
+        names = selected_parameters(model, "mixout", cfg.scope, cfg.include, cfg.exclude)
         mixed = sum(model.get_parameter(name).numel() for name in names)
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         apply_mixout(model, names, cfg.p, cfg.granularity, cfg.gradient == "official")

@@ -34,7 +34,14 @@ from robustft.backbones.checkpoint_files import load_index_file
 from robustft.config import MethodConfig
 from robustft.errors import ConfigError
 from robustft.methods.base import Method, RunContext, record_preset, register_method
-from robustft.sparse import Scope, merge_sparse, select_parameters, sparse_parameter_groups, sparsify
+from robustft.sparse import (
+    Scope,
+    empty_selection,
+    merge_sparse,
+    selected_parameters,
+    sparse_parameter_groups,
+    sparsify,
+)
 
 SELECTION_FILE = "saft_selection.safetensors"
 
@@ -134,9 +141,14 @@ class SAFT(Method):
     report_columns = ("active_params",)
     config_cls = SAFTConfig
 
+    def check_model(self, model: nn.Module, model_spec: dict[str, Any]) -> str | None:
+        """The tensors ``scope`` / ``include`` / ``exclude`` pick must exist on this model."""
+        cfg = self.config
+        return empty_selection(model, "saft", cfg.scope, cfg.include, cfg.exclude)
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
-        names = select_parameters(model, cfg.scope, cfg.include, cfg.exclude)
+        names = selected_parameters(model, "saft", cfg.scope, cfg.include, cfg.exclude)
         total = sum(model.get_parameter(name).numel() for name in names)
         if cfg.selection_path is not None:
             selection = load_selection(cfg.selection_path, model)
