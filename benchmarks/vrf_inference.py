@@ -11,8 +11,10 @@ the fine-tuned models are two copies: VRF's two models share no weights, so it n
 ZSF set is random unit vectors (an exact flat search costs the same whatever the data). Per ZSF size, in
 interleaved rounds on one batch: one plain forward of the fine-tuned model (``ft_forward``), the VRF
 predictor's whole forward (zero-shot forward, fine-tuned forward giving embedding and logits at once,
-one kNN search for the batch, the mixture; ``vrf``) and the kNN search alone (``knn``). Medians of the
-rounds; ``vrf_over_ft`` is the ratio of the medians.
+one kNN search for the batch, the mixture; ``vrf``) and the kNN search alone (``knn``), alternating call by
+call (``bench_support.interleaved_times``). Medians of the rounds; ``vrf_over_ft`` is the ratio of the
+medians, ``vrf_over_ft_rounds`` the per-round ratios' median and the ratio of the minima; the machine's load
+is recorded before and after.
 """
 
 from __future__ import annotations
@@ -22,25 +24,13 @@ import copy
 import json
 import platform
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_support import build_model
+from bench_support import build_model, interleaved_times, machine_load, ratio_summary, time_summary
 
 from robustft.methods.vrf import VrfPredictor, normalised_embedding_and_logits
-
-
-def timed(function: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -55,13 +45,9 @@ def measure(model, images, zsf_size: int, rounds: int, warmup: int, device: torc
         "vrf": lambda: predictor(images),
         "knn": lambda: predictor.distance(embedding),
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(warmup + rounds):
-        for name, run in runs.items():
-            seconds = timed(run, device)
-            if round_index >= warmup:
-                times[name].append(seconds)
+    times = interleaved_times(runs, warmup, rounds, device)
     medians = {f"{name}_seconds": statistics.median(values) for name, values in times.items()}
+    summaries = {name: time_summary(values) for name, values in times.items()}
     batch = len(images)
     return {
         "zsf_size": zsf_size,
@@ -71,6 +57,8 @@ def measure(model, images, zsf_size: int, rounds: int, warmup: int, device: torc
         "vrf_images_per_second": batch / medians["vrf_seconds"],
         "vrf_over_ft": medians["vrf_seconds"] / medians["ft_forward_seconds"],
         "knn_over_ft": medians["knn_seconds"] / medians["ft_forward_seconds"],
+        "vrf_over_ft_rounds": ratio_summary(times["ft_forward"], times["vrf"]),  # VRF time over FT time
+        "seconds": summaries,
     }
 
 
@@ -96,6 +84,7 @@ def main() -> None:
     model = model.to(device).eval()
     images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     rows = []
+    load_before = machine_load()
     for zsf_size in args.zsf_sizes:
         rows.append(measure(model, images, zsf_size, args.rounds, args.warmup, device))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
@@ -110,6 +99,8 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rounds": args.rounds,
+        "load_before": load_before,
+        "load_after": machine_load(),
         "results": rows,
         "target_vrf_over_ft": 2.3,
     }
