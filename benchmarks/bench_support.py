@@ -86,22 +86,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_session_steps(session: Any, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` engine steps after ``warmup`` untimed ones (device synchronised)."""
-    import time
-
-    for _ in range(warmup):
-        session.step()
-    synchronize(session.device)
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        session.step()
-        synchronize(session.device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 # ------------------------------------------------------------------ timing on a shared machine
 
 
@@ -141,6 +125,16 @@ def interleaved_times(
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def interleaved_with_load(
+    runs: dict[str, Any], warmup: int, repeats: int, device: torch.device | None = None
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``interleaved_times`` of ``runs`` and the machine's load just before and just after them
+    (``{"load_before": machine_load(), "load_after": machine_load()}``), which every timing JSON records."""
+    load_before = machine_load()
+    times = interleaved_times(runs, warmup, repeats, device)
+    return times, {"load_before": load_before, "load_after": machine_load()}
 
 
 def time_summary(seconds: list[float]) -> dict[str, float]:

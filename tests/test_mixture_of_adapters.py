@@ -20,7 +20,7 @@ from robustft.adapters import (
     mixture_layers,
     route_top1,
 )
-from robustft.adapters.mixture import grouped_dispatch_supported
+from robustft.adapters.mixture import MAX_LOG_TEMPERATURE, grouped_dispatch_supported
 from robustft.backbones.checkpoint_files import load_state_dict_file
 from robustft.demo import demo_config
 from robustft.errors import ConfigError
@@ -197,15 +197,22 @@ def test_kadaptation_grouped_dispatch_matches_the_factored_update(empty_expert):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
 
 
-def test_router_logits_are_the_scaled_cosine_of_the_projection():
+@pytest.mark.parametrize("projection_dim, gram", [(8, False), (64, True)])
+def test_router_logits_are_the_scaled_cosine_of_the_projection(projection_dim, gram):
+    """Both forms of the router (projection; Gram matrix where D + E + 1 < projection_dim) give the plain
+    ``normalize(P x + b) @ normalize(m) * exp(t)`` and its gradients to 1e-5."""
     torch.manual_seed(0)
-    router = CosineRouter(16, 4, projection_dim=8)
+    router = CosineRouter(16, 4, projection_dim=projection_dim)
+    assert router.gram_form == gram
+    with torch.no_grad():
+        router.projection.bias.normal_()  # a bias as large as P x: the Gram form's cross term matters
+        router.log_temperature.fill_(1.3)
     tokens = torch.randn(40, 16, requires_grad=True)
     cosine = nn.functional.normalize(router.projection(tokens), dim=-1) @ nn.functional.normalize(
         router.expert_embeddings, dim=0
     )
     expected = cosine * router.log_temperature.exp()
-    torch.testing.assert_close(router(tokens), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(router(tokens), expected, rtol=1e-5, atol=1e-5)
     cotangent = torch.randn(40, 4)
     inputs = [tokens, *router.parameters()]
     ours, reference = (
@@ -213,7 +220,52 @@ def test_router_logits_are_the_scaled_cosine_of_the_projection():
         torch.autograd.grad(expected, inputs, cotangent),
     )
     for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def _reference_mixture(layer: MixtureOfAdapters, tokens: torch.Tensor) -> torch.Tensor:
+    """The layer written out token by token: ``W x + b + g x H_e (+ KAdaptation bias)``, with the router's
+    scaled cosine, its clean softmax and top-1 (no noise), and ``H_e`` from ``expert_matrices``."""
+    router = layer.router
+    logits = nn.functional.normalize(router.projection(tokens), dim=-1) @ nn.functional.normalize(
+        router.expert_embeddings, dim=0
+    )
+    probs = (logits * router.log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()).softmax(-1)
+    gate, expert = probs.max(-1)
+    matrices = layer.experts.expert_matrices()
+    update = torch.stack([gate[t] * tokens[t] @ matrices[expert[t]] for t in range(tokens.shape[0])])
+    if isinstance(layer.experts, KAdaptationExperts):
+        update = update + layer.experts.bias
+    return nn.functional.linear(tokens, layer.weight, layer.bias) + update
+
+
+@pytest.mark.parametrize("kind", ["lora", "kadaptation"])
+@pytest.mark.parametrize("projection_dim", [8, 64])
+def test_mixture_layer_output_and_gradients_match_a_token_by_token_reference(kind, projection_dim):
+    """The whole adapted layer (router form, sorted grouped dispatch, in-place adds into the projection) is the
+    same map as the straightforward per-token formula: outputs and the gradients of the input, the frozen weight
+    and every router and expert parameter agree to 1e-5."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 32)
+    experts = (
+        LoRAExperts(16, 32, (1, 2, 4, 8))
+        if kind == "lora"
+        else KAdaptationExperts(16, 32, (1, 2, 4, 8), KroneckerRules(4))
+    )
+    layer = MixtureOfAdapters(base, experts, 4, projection_dim=projection_dim).eval()  # eval: no routing noise
+    for parameter in [*experts.parameters(), layer.router.expert_embeddings]:
+        nn.init.normal_(parameter, std=0.3)
+    tokens = torch.randn(2, 30, 16, requires_grad=True)
+    cotangent = torch.randn(2, 30, 32)
+    inputs = [tokens, *layer.parameters()]
+    ours = layer(tokens)
+    expected = _reference_mixture(layer, tokens.reshape(-1, 16)).view(2, 30, 32)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert len(set(route_top1(layer.router(tokens.reshape(-1, 16)), 0.0).expert.tolist())) > 1
+    for a, b in zip(
+        torch.autograd.grad(ours, inputs, cotangent), torch.autograd.grad(expected, inputs, cotangent), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_frozen_backbone_gets_no_gradient_and_only_adapters_are_trained():

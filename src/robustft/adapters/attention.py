@@ -42,7 +42,7 @@ class AdaptedMultiheadAttention(nn.MultiheadAttention):
 
     Attributes:
         in_proj: None, or a module ``(tokens, projected) -> projected + update`` applied to the fused q/k/v
-            projection of the tokens.
+            projection of the tokens (``projected``: ``[batch * length, 3 * dim]``, which it may update in place).
     """
 
     in_proj: nn.Module | None
@@ -64,7 +64,8 @@ class AdaptedMultiheadAttention(nn.MultiheadAttention):
             )
         tokens = query if self.batch_first else query.transpose(0, 1)
         batch, length, dim = tokens.shape
-        projected = F.linear(tokens, self.in_proj_weight, self.in_proj_bias)
+        # 2-D (tokens flattened), a fresh tensor and not a view: an ``in_proj`` may add into it in place.
+        projected = F.linear(tokens.reshape(batch * length, dim), self.in_proj_weight, self.in_proj_bias)
         if self.in_proj is not None:
             projected = self.in_proj(tokens, projected)
         heads, head_dim = self.num_heads, dim // self.num_heads

@@ -22,16 +22,21 @@ with experts ``H_1..H_E`` of different capacity and a per-token top-1 router (do
   and every adapted layer, factors of rank 1, 2, 4, 8 (Glorot uniform, gain sqrt 2), plus a
   zero-initialised bias.
 
+The router's cosine is computed in one of two equal forms, the cheaper by shape: from the projection ``P x + b``,
+or (where ``D + E + 1 < 256``, e.g. width 128) from one GEMM of the tokens with ``[P^T P | P^T m | 2 P^T b]``,
+which gives ``|P x + b|^2`` and the numerators without forming ``P x`` (``gram_cosine``).
+
 Dispatch is batched over tokens, with no per-expert Python loop. LoRA: every expert's low-rank
 factors are concatenated, the gate (one-hot times ``g``) is expanded to the concatenated rank columns,
-and the mixed update is two small GEMMs (total rank 15: about one rank-15 adapter). KAdaptation on the
-CPU: the explicit ``H_e`` (``E x in x out``, built from the factors in one einsum, a few MFLOP) and one
-grouped GEMM (``torch.nn.functional.grouped_mm``) over the tokens sorted by their expert, so each token
-is multiplied by its own expert's matrix only, then ``g`` scales the result. This costs one frozen
-projection's GEMM forward and two backward; the factored form, ``x H_e = sum_i v_i kron ((u_i^T X)
-L_ei R'_ei)`` with ``X`` the ``n x in/n`` reshape of ``x``, has as many FLOPs but streams ``n x rank``
-floats per token through memory and was ~5x slower than the projection it adapts at width 128. The
-factored form is kept where grouped GEMMs are not available (other devices, feature counts that are not
+and the mixed update is two small GEMMs (total rank 15: about one rank-15 adapter), the second an ``addmm``
+into the projection. KAdaptation on the CPU: the explicit ``H_e`` (``E x in x out``, built from the factors
+in one einsum, a few MFLOP) and one grouped GEMM (``torch.nn.functional.grouped_mm``) over the tokens sorted
+by their expert, so each token is multiplied by its own expert's matrix only (``g`` scales its inputs); the
+bias and the routed rows are added into the frozen projection's output in place.
+This costs one frozen projection's GEMM forward and two backward; the factored form, ``x H_e = sum_i v_i
+kron ((u_i^T X) L_ei R'_ei)`` with ``X`` the ``n x in/n`` reshape of ``x``, has as many FLOPs but streams
+``n x rank`` floats per token through memory and was ~5x slower than the projection it adapts at width 128.
+The factored form is kept where grouped GEMMs are not available (other devices, feature counts that are not
 multiples of 4). The official code also applies dropout 0.5 to ``H_e`` in training (``kron_dropout``,
 default 0): the dropped matrices then go through the same dispatch (the factored path evaluates all
 experts densely in that case).
@@ -59,7 +64,14 @@ MAX_LOG_TEMPERATURE = math.log(100.0)
 
 
 class CosineRouter(nn.Module):
-    """Per-token logits ``exp(min(t, log 100)) * cos(P x, m_e)`` over ``num_experts`` experts."""
+    """Per-token logits ``exp(min(t, log 100)) * cos(P x + b, m_e)`` over ``num_experts`` experts.
+
+    Two equal forms, the cheaper chosen by shape (``gram_form``): the projection form computes ``P x + b``
+    (``[N, projection_dim]``) and divides its ``[N, E]`` dot products with the normalised keys by ``|P x + b|``;
+    the Gram form (``gram_cosine``) never forms ``P x``: one GEMM of the tokens with ``[P^T P | P^T m | 2 P^T b]``
+    (``D + E + 1`` columns) gives ``|P x + b|^2`` and the numerators, so where ``D + E + 1 < projection_dim``
+    (width 128 against the paper's 256) it does about half the projection form's FLOPs forward and backward.
+    """
 
     def __init__(self, dim: int, num_experts: int, projection_dim: int = 256) -> None:
         super().__init__()
@@ -67,12 +79,39 @@ class CosineRouter(nn.Module):
         self.expert_embeddings = nn.Parameter(torch.randn(projection_dim, num_experts) * 0.01)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(2.0)))
 
+    @property
+    def gram_form(self) -> bool:
+        """Whether ``gram_cosine`` is the cheaper form here (fewer GEMM columns than the projection)."""
+        dim, num_experts = self.projection.in_features, self.expert_embeddings.shape[1]
+        return dim + num_experts + 1 < self.projection.out_features
+
     def forward(self, tokens: Tensor) -> Tensor:
-        # normalize(P x) @ m = (P x @ m) / |P x|: the division is on [N, E], not on the [N, 256] projection.
-        projected = self.projection(tokens)
-        norms = torch.linalg.vector_norm(projected, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
-        similarity = (projected @ F.normalize(self.expert_embeddings, dim=0)) / norms
+        keys = F.normalize(self.expert_embeddings, dim=0)  # m_e / |m_e|: [projection_dim, E], once per call
+        if self.gram_form:
+            similarity = gram_cosine(tokens, self.projection.weight, self.projection.bias, keys)
+        else:
+            # normalize(P x) @ m = (P x @ m) / |P x|: the division is on [N, E], not on the [N, 256] projection.
+            projected = self.projection(tokens)
+            norms = torch.linalg.vector_norm(projected, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+            similarity = (projected @ keys) / norms
         return similarity * self.log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()
+
+
+def gram_cosine(tokens: Tensor, weight: Tensor, bias: Tensor, keys: Tensor) -> Tensor:
+    """``cos(P x + b, k_e)`` for unit-norm keys ``k`` (``[projection_dim, E]``) without forming ``P x`` (``[N, E]``).
+
+    ``|P x + b|^2 = x^T (P^T P) x + 2 x . (P^T b) + |b|^2`` and ``(P x + b) . k_e = x . (P^T k_e) + b . k_e``: one
+    GEMM of the tokens with ``[P^T P | P^T k | 2 P^T b]`` gives all three token-dependent terms. Computed in fp32
+    (autocast off): the quadratic form subtracts nearly equal terms when ``P x`` is close to ``-b``, which bf16
+    would not resolve; ``F.normalize``'s eps bounds ``|P x + b|`` from below as in the projection form.
+    """
+    with torch.autocast(tokens.device.type, enabled=False):
+        tokens, weight, bias, keys = tokens.float(), weight.float(), bias.float(), keys.float()
+        dim, num_experts = tokens.shape[-1], keys.shape[1]
+        fused = weight.t() @ torch.cat([weight, keys, 2 * bias.unsqueeze(1)], dim=1)  # [D, D + E + 1]
+        gram_x, numerators, cross = (tokens @ fused).split([dim, num_experts, 1], dim=-1)
+        squared = (gram_x * tokens).sum(-1, keepdim=True) + cross + bias.square().sum()
+        return (numerators + bias @ keys) / squared.clamp_min(1e-24).sqrt()
 
 
 @dataclass
@@ -80,16 +119,20 @@ class Routing:
     """Top-1 routing of ``N`` tokens over ``E`` experts.
 
     Attributes:
-        gates: ``[N, E]``, zero except the chosen expert's column, which holds its gate ``g``.
         expert: ``[N]`` chosen expert per token.
         gate: ``[N]`` the (noisy) softmax probability of the chosen expert.
         clean_probs: ``[N, E]`` softmax of the logits without noise (for the balancing loss).
     """
 
-    gates: Tensor
     expert: Tensor
     gate: Tensor
     clean_probs: Tensor
+
+    @property
+    def gates(self) -> Tensor:
+        """``[N, E]``, zero except the chosen expert's column, which holds its gate ``g`` (built on demand: the
+        grouped KAdaptation dispatch reads ``expert`` and ``gate`` only)."""
+        return torch.zeros_like(self.clean_probs).scatter(1, self.expert.unsqueeze(1), self.gate.unsqueeze(1))
 
 
 def route_top1(logits: Tensor, noise_std: float) -> Routing:
@@ -101,9 +144,8 @@ def route_top1(logits: Tensor, noise_std: float) -> Routing:
     noisy = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
     probs = noisy.softmax(dim=-1)
     gate, expert = probs.max(dim=-1)
-    gates = torch.zeros_like(probs).scatter(1, expert.unsqueeze(1), gate.unsqueeze(1))
     clean = probs if noise_std == 0 else logits.softmax(dim=-1)
-    return Routing(gates, expert, gate, clean)
+    return Routing(expert, gate, clean)
 
 
 def cv_squared(values: Tensor) -> Tensor:
@@ -145,11 +187,16 @@ class LoRAExperts(nn.Module):
         self.register_buffer("rank_owner", _rank_owner(self.ranks), persistent=False)
 
     def forward(self, tokens: Tensor, routing: Routing) -> Tensor:
-        hidden = F.linear(tokens, self.lora_A) * routing.gates[:, self.rank_owner].to(tokens.dtype)
-        return F.linear(hidden, self.lora_B)
+        return F.linear(self._gated_hidden(tokens, routing), self.lora_B)
 
     def add_update(self, tokens: Tensor, routing: Routing, projected: Tensor) -> Tensor:
-        return projected + self(tokens, routing).to(projected.dtype)
+        """``projected + g B_e A_e x``, the update added inside the second GEMM (``addmm``, no ``[N, out]`` sum)."""
+        hidden = self._gated_hidden(tokens, routing).to(projected.dtype)
+        return torch.addmm(projected, hidden, self.lora_B.t().to(projected.dtype))
+
+    def _gated_hidden(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """``A x`` (every expert's rank columns) times the top-1 gate on the chosen expert's columns, 0 elsewhere."""
+        return F.linear(tokens, self.lora_A) * routing.gates[:, self.rank_owner].to(tokens.dtype)
 
     def expert_matrices(self) -> Tensor:
         """``[E, in, out]``: ``(B_e A_e)^T``, so that a token's update is ``x @ H_e``."""
@@ -207,8 +254,10 @@ class KAdaptationExperts(nn.Module):
         return self.add_update(tokens, routing, tokens.new_zeros(tokens.shape[0], self.out_features))
 
     def add_update(self, tokens: Tensor, routing: Routing, projected: Tensor) -> Tensor:
-        """``projected + g x H_e + bias`` (``[N, out]``): on the grouped path the routed rows are added straight into
-        ``projected + bias`` (``index_add``), so no ``[N, out]`` update is unsorted, gated or summed on its own."""
+        """``projected + g x H_e + bias`` (``[N, out]``). On the grouped path ``projected`` (a fresh projection
+        output the caller hands over) is updated in place: the bias is added into it and the routed rows are
+        index-added into it, so no ``[N, out]`` tensor besides the grouped GEMM's output is allocated, unsorted,
+        gated or summed (on this CPU a fresh ``[N, out]`` buffer costs more in page faults than the add itself)."""
         dropout = self.dropout is not None and self.training
         if not grouped_dispatch_supported(tokens, self.in_features, self.out_features):
             return projected + self._dense_update(tokens, routing, dropout).to(projected.dtype)
@@ -217,7 +266,7 @@ class KAdaptationExperts(nn.Module):
         order, ends = sort_by_expert(routing.expert, len(self.ranks))
         gated = tokens.index_select(0, order) * routing.gate.index_select(0, order).to(tokens.dtype).unsqueeze(1)
         routed = F.grouped_mm(gated, matrices.contiguous(), offs=ends)  # (g x) H_e = g (x H_e)
-        return (projected + self.bias.to(projected.dtype)).index_add_(0, order, routed.to(projected.dtype))
+        return projected.add_(self.bias.to(projected.dtype)).index_add_(0, order, routed.to(projected.dtype))
 
     def _dense_update(self, tokens: Tensor, routing: Routing, dropout: bool) -> Tensor:
         if dropout:
@@ -281,9 +330,10 @@ class MixtureUpdate(nn.Module):
 
     ``forward(x, projected)`` returns ``projected`` plus the routed update; it is the ``in_proj`` of an
     adapted ``nn.MultiheadAttention`` (whose fused projection has no module) and the update half of
-    ``MixtureOfAdapters``. In training each forward stores ``aux_loss`` (the unweighted balancing loss of
-    this layer) and ``expert_fractions`` (``[E]``, share of tokens routed to each expert) for the method's
-    loss hook.
+    ``MixtureOfAdapters``. ``projected`` must be a fresh tensor the caller hands over: the KAdaptation experts
+    add into it in place (a 2-D one is used as it is, so no view of it is modified). In training each forward
+    stores ``aux_loss`` (the unweighted balancing loss of this layer) and ``expert_fractions`` (``[E]``, share
+    of tokens routed to each expert) for the method's loss hook.
     """
 
     def __init__(
@@ -307,10 +357,11 @@ class MixtureUpdate(nn.Module):
     def add_update(self, x: Tensor, projected: Tensor) -> Tensor:
         tokens = x.reshape(-1, self.in_features)
         routing = route_top1(self.router(tokens), self.noise_std if self.training else 0.0)
-        output = self.experts.add_update(tokens, routing, projected.reshape(-1, self.out_features))
+        rows = projected if projected.dim() == 2 else projected.reshape(-1, self.out_features)
+        output = self.experts.add_update(tokens, routing, rows)
         if self.training:
             self.aux_loss = load_balancing_loss(routing.clean_probs, routing.gate, self.noise_std)
-            self.expert_fractions = F.one_hot(routing.expert, self.num_experts).float().mean(0).detach()
+            self.expert_fractions = torch.bincount(routing.expert, minlength=self.num_experts) / routing.expert.numel()
         else:
             self.aux_loss = self.expert_fractions = None
         return output.view(projected.shape)
@@ -330,7 +381,10 @@ class MixtureOfAdapters(MixtureUpdate, nn.Linear):
         self._init_routing(experts, num_experts, projection_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.add_update(x, F.linear(x, self.weight, self.bias))
+        # The projection of the flattened tokens is a fresh 2-D tensor, not a view, so the experts can add into it
+        # in place without autograd copying the whole output gradient (CopySlices) in the backward.
+        projected = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return self.add_update(x, projected).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {MixtureUpdate.extra_repr(self)}"
