@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from robustft.backbones.class_token import class_token_embedding
 from robustft.backbones.classifier import ImageClassifier
 from robustft.cam import (
     CounterfactualSpec,
@@ -187,8 +188,8 @@ class MaskedCounterfactual(Method):
             student = embedding_without_patches(model, made.images, made.mask)
         else:
             with torch.no_grad():
-                target = self.teacher.image_embedding(made.images)
-            student = model.image_embedding(made.images)
+                target = class_token_embedding(self.teacher, made.images)
+            student = class_token_embedding(model, made.images)
         distill = distillation_loss(student, target)
         logs = {"loss_task": task.detach(), "loss_distill": distill.detach(), "masked": made.mask.float().mean()}
         return task + self.config.beta * distill, logs
