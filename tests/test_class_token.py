@@ -71,9 +71,11 @@ def test_unsupported_models_fall_back_to_their_own_forward():
     hooked.backbone.blocks[-1].register_forward_hook(lambda module, args, output: output * 2)
     checkpointed = timm_classifier()
     checkpointed.backbone.set_grad_checkpointing(True)
-    for model in (pooled, hooked, checkpointed, nn.Sequential(nn.Flatten(), nn.Linear(768, 5))):
+    adapted = open_clip_classifier()  # e.g. robustft.adapters.attention: a subclass that runs self-attention only
+    adapted.backbone.visual.transformer.resblocks[-1].attn.__class__ = type("Adapted", (nn.MultiheadAttention,), {})
+    for model in (pooled, hooked, checkpointed, adapted, nn.Sequential(nn.Flatten(), nn.Linear(768, 5))):
         assert class_token_path(model) is None
-    for model in (pooled, hooked, checkpointed):
+    for model in (pooled, hooked, checkpointed, adapted):
         model.eval()
         torch.testing.assert_close(class_token_embedding(model, IMAGES), model.image_embedding(IMAGES))
         torch.testing.assert_close(class_token_logits(model, IMAGES), model(IMAGES))

@@ -9,11 +9,11 @@ unchanged, through the model's own modules, so hooks on those modules (``robustf
 capture, adapters) still see their calls; the last attention then yields only its class-token row
 ``[B, heads, 1, L]``, the one row the attention rollout's ``R[CLS]`` reads from the last block.
 
-Supported: timm ``VisionTransformer`` with a plain ``Block`` / ``Attention`` last block, and
-OpenCLIP's ``VisionTransformer`` with its default ``ResidualAttentionBlock`` (``nn.MultiheadAttention``,
-batch first), each inside a plain ``ImageClassifier``. Anything else (another pooling, custom blocks,
-gradient checkpointing, hooks on a module whose forward is skipped, a subclass that overrides a
-forward) falls back to the model's own forward.
+Supported: timm ``VisionTransformer`` with a plain ``Block`` / ``Attention`` last block, and OpenCLIP's
+``VisionTransformer`` with its default ``ResidualAttentionBlock`` (a plain batch-first
+``nn.MultiheadAttention``, not an adapted subclass), each inside a plain ``ImageClassifier``. Anything else
+(another pooling, custom blocks, gradient checkpointing, hooks on a module whose forward is skipped, a
+subclass that overrides a forward) falls back to the model's own forward.
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ def _open_clip_path(encoder: nn.Module) -> _Path | None:
     last = transformer.resblocks[-1]
     if type(last) is not transformer_module.ResidualAttentionBlock or hasattr(last, "ln_1_kv"):
         return None
-    if not last.attn.batch_first or _hooked(encoder, visual, transformer, last):
+    # a subclass (an adapted attention) may run self-attention only, not the class token's query
+    if type(last.attn) is not nn.MultiheadAttention or not last.attn.batch_first:
+        return None
+    if _hooked(encoder, visual, transformer, last):
         return None
     return _Path(visual, "open_clip")
 
