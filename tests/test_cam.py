@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer as OpenClipViT
 from torch import nn
 
+from robustft.backbones.class_token import class_token_logits
 from robustft.cam import (
     attention_rollout_cam,
     capture_attention,
@@ -235,3 +236,43 @@ def test_train_mode_randomness_detection():
     assert has_train_mode_randomness(
         timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.1)
     )
+
+
+def _full_forward_cam(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CAM through the model's own forward and the full ``L x L`` rollout (the path before the class-token one)."""
+    rows, cols = patch_layout(model).grid(images)
+    with torch.enable_grad(), capture_attention(model) as capture:
+        logits = model(images)
+        gradients = torch.autograd.grad(logits.gather(1, labels.view(-1, 1)).sum(), capture.tensors)
+    relevance = gradient_rollout(capture.per_head([t.detach() for t in capture.tensors]), capture.per_head(gradients))
+    cam = relevance[:, 0, 1:].reshape(-1, rows, cols)
+    return cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8), logits
+
+
+def _open_clip_classifier() -> nn.Module:
+    from robustft.backbones.classifier import ImageClassifier
+    from robustft.backbones.open_clip_backbone import OpenClipImageEncoder
+
+    torch.manual_seed(0)
+    visual = OpenClipViT(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=10)
+    return ImageClassifier(OpenClipImageEncoder(visual), nn.Linear(10, 4), normalize_features=True)
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_class_token_cam_equals_the_full_forward_cam(digits_prepared, kind):
+    """The last block on the class token alone and the one-row rollout give the same CAM and logits (to ~1e-5)."""
+    if kind == "timm":
+        model = copy.deepcopy(digits_prepared.model).eval()
+        images, labels, _ = _digit_batch(digits_prepared, n=16)
+    else:
+        model = _open_clip_classifier().eval()
+        images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    expected_cam, expected_logits = _full_forward_cam(model, images, labels)
+    cam, logits = class_activation(model, images, labels)
+    torch.testing.assert_close(cam, expected_cam, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected_logits.detach(), atol=1e-5, rtol=1e-5)
+    with capture_attention(model) as capture:
+        class_token_logits(model, images)
+    assert capture.shapes[-1][-2] == 1 and capture.shapes[0][-2] == capture.shapes[0][-1]  # last block: CLS row

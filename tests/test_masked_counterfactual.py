@@ -171,3 +171,34 @@ def test_shared_cam_forward_back_propagates_into_the_weights_only(digits_prepare
     assert len(image_gradients) == 2  # the shared clean forward and the counterfactual forward
     assert all(gradient is None for gradient in image_gradients)
     assert patch_projection.weight.grad is not None and patch_projection.weight.grad.abs().sum() > 0
+
+
+def test_class_token_step_equals_the_full_forward_step(digits_prepared, tmp_path, monkeypatch):
+    """The class-token forwards (CAM, teacher, student) give the loss and gradients of full forwards (to ~1e-5)."""
+    import robustft.cam as cam_module
+    import robustft.methods.masked_counterfactual as method_module
+    from robustft.cam import gradient_rollout
+
+    ctx = digits_prepared.ctx.for_run(tmp_path, 0, quiet)
+    batch = _train_batches(digits_prepared, 1, 32)[0]
+
+    def step() -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+        method = _method()
+        model = method.prepare(copy.deepcopy(digits_prepared.model), ctx).train()
+        with torch.no_grad():  # the student moves away from the teacher, so the distillation term is not zero
+            model.backbone.blocks[-1].mlp.fc1.weight.add_(0.05)
+        torch.manual_seed(5)
+        loss, logs = method.loss(model, batch, 0)
+        loss.backward()
+        return loss.detach(), logs, [p.grad for p in model.parameters()]
+
+    loss, logs, grads = step()
+    with monkeypatch.context() as patch:  # the path before: the model's own forwards, the full L x L rollout
+        patch.setattr(cam_module, "class_token_logits", lambda model, images: model(images))
+        patch.setattr(cam_module, "class_token_relevance", lambda a, g: gradient_rollout(a, g)[:, 0])
+        patch.setattr(method_module, "class_token_embedding", lambda model, images: model.image_embedding(images))
+        full_loss, full_logs, full_grads = step()
+    assert logs["masked"] == full_logs["masked"] and logs["loss_distill"] > 0  # the same patches masked
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+    for ours, full in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-4)

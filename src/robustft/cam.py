@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustft.backbones.class_token import class_token_logits
 from robustft.errors import UnsupportedModelError
 
 MaskKind = Literal["object", "context", "random"]
@@ -206,6 +207,22 @@ def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) 
     return relevance
 
 
+def class_token_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """The class token's row of ``gradient_rollout``: ``R[:, 0]`` ``[B, L]``, without the ``L x L`` products.
+
+    ``R = (I + W_n) ... (I + W_1)`` with ``W_l = mean_h(clamp(g_l * a_l, 0))``, so its first row is a row
+    vector carried through the blocks from the last one: ``r <- e_0 + W_n[0]``, then ``r <- r + r W_l``.
+    The last block's maps may hold the class token's query row only (``[B, heads, 1, L]``, from
+    ``robustft.backbones.class_token``): no other row of them enters ``R[0]``.
+    """
+    last = (gradients[-1].float() * attentions[-1].float()).clamp(min=0).mean(dim=1)[:, 0]
+    relevance = last + F.one_hot(torch.zeros_like(last[:, 0], dtype=torch.long), last.shape[-1]).to(last.dtype)
+    for attention, gradient in zip(reversed(attentions[:-1]), reversed(gradients[:-1]), strict=True):
+        weighted = (gradient.float() * attention.float()).clamp(min=0).mean(dim=1)
+        relevance = relevance + (relevance.unsqueeze(1) @ weighted).squeeze(1)
+    return relevance
+
+
 class ClassActivation(NamedTuple):
     """A CAM ``[B, rows, cols]`` in [0, 1] and the logits of the forward it came from."""
 
@@ -223,6 +240,9 @@ def class_activation(
     logits are differentiated with ``torch.autograd.grad`` with respect to the captured
     attention only, so no parameter's ``.grad`` changes. The relevance of the class token to each
     patch is divided by its per-image maximum (no minimum subtracted, as in the official code).
+    Only the class token's row of the rollout is needed, so a supported ViT runs its last block for
+    the class token alone (``robustft.backbones.class_token``; the same logits and CAM up to float
+    rounding) and the rollout is carried as that one row (``class_token_relevance``).
 
     Args:
         model: the classifier.
@@ -239,13 +259,12 @@ def class_activation(
     trains_everything = all(parameter.requires_grad for parameter in model.parameters())
     probe = images.detach().requires_grad_(not (keep_graph and trains_everything))
     with torch.enable_grad(), eval_mode(model), capture_attention(model) as capture:
-        logits = model(probe)
+        logits = class_token_logits(model, probe)
         score = logits.gather(1, labels.view(-1, 1)).sum()
         gradients = torch.autograd.grad(score, capture.tensors, retain_graph=keep_graph)
     attentions = capture.per_head([tensor.detach() for tensor in capture.tensors])
-    relevance = gradient_rollout(attentions, capture.per_head(gradients))
-    start = layout.num_prefix_tokens
-    cam = relevance[:, 0, start:].reshape(-1, rows, cols)
+    relevance = class_token_relevance(attentions, capture.per_head(gradients))
+    cam = relevance[:, layout.num_prefix_tokens :].reshape(-1, rows, cols)
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)
     return ClassActivation(cam, logits if keep_graph else logits.detach())
 
