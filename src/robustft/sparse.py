@@ -95,18 +95,22 @@ def empty_selection(model: nn.Module, method: str, scope: Scope, include: str, e
     (a method's ``check_model``: the preflight names it before any training starts)."""
     if select_parameters(model, scope, include, exclude):
         return None
-    return (
-        f"method.scope / method.include: {method} found no tensor for scope={scope!r} include={include!r} "
-        f"exclude={exclude!r}"
-    )
+    return _nothing_selected(method, scope, include, exclude)
 
 
 def selected_parameters(model: nn.Module, method: str, scope: Scope, include: str, exclude: str | None) -> list[str]:
     """``select_parameters``, refusing an empty selection with ``empty_selection``'s line."""
-    problem = empty_selection(model, method, scope, include, exclude)
-    if problem is not None:
-        raise ConfigError(problem)
-    return select_parameters(model, scope, include, exclude)
+    names = select_parameters(model, scope, include, exclude)
+    if not names:
+        raise ConfigError(_nothing_selected(method, scope, include, exclude))
+    return names
+
+
+def _nothing_selected(method: str, scope: Scope, include: str, exclude: str | None) -> str:
+    return (
+        f"method.scope / method.include: {method} found no tensor for scope={scope!r} include={include!r} "
+        f"exclude={exclude!r}"
+    )
 
 
 def decays(name: str, parameter: Tensor) -> bool:

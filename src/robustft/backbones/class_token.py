@@ -151,21 +151,22 @@ def _open_clip_embedding(visual: nn.Module, images: Tensor) -> Tensor:
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
+def _embedding_along(path: _Path, images: Tensor) -> Tensor:
+    if path.kind == "timm":
+        return _timm_embedding(path.vit, images)
+    return _open_clip_embedding(path.vit, images)
+
+
 def class_token_embedding(model: nn.Module, images: Tensor) -> Tensor:
     """``model.image_embedding(images)`` with the last block run for the class token only (module docstring).
 
     Falls back to ``model.image_embedding`` when ``class_token_path`` finds no supported ViT.
     """
     path = class_token_path(model)
-    if path is None:
-        return model.image_embedding(images)
-    if path.kind == "timm":
-        return _timm_embedding(path.vit, images)
-    return _open_clip_embedding(path.vit, images)
+    return model.image_embedding(images) if path is None else _embedding_along(path, images)
 
 
 def class_token_logits(model: nn.Module, images: Tensor) -> Tensor:
     """``model(images)`` through ``class_token_embedding`` (or ``model(images)`` itself when unsupported)."""
-    if class_token_path(model) is None:
-        return model(images)
-    return model.logits_from_features([class_token_embedding(model, images)])
+    path = class_token_path(model)
+    return model(images) if path is None else model.logits_from_features([_embedding_along(path, images)])
