@@ -15,6 +15,9 @@ import yaml
 
 from robustft.errors import FileContentError, RobustftError
 
+_NUMBER_CHARACTERS = frozenset("0123456789+-.eE")
+_LITERALS = ("true", "false", "null")
+
 
 def read_text(path: str | Path, error: type[RobustftError] = FileContentError) -> str:
     """The file's UTF-8 text; a missing file or other bytes is one ``error`` naming the file."""
@@ -35,15 +38,24 @@ def read_text(path: str | Path, error: type[RobustftError] = FileContentError) -
 
 
 def parse_json(text: str, where: str, error: type[RobustftError] = FileContentError) -> Any:
-    """``json.loads(text)``; a failure is *torn* when the text ends inside the value, *corrupt* otherwise."""
+    """``json.loads(text)``; a failure is *torn* when the text ends inside the value (inside a string, a number,
+    a literal or between tokens), *corrupt* otherwise."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as failure:
-        if failure.pos >= len(text.rstrip()):
+        if failure.msg.startswith("Unterminated string") or ends_inside_a_value(text, failure.pos):
             raise error(
                 f"{where}: torn JSON: the text ends after {len(text)} characters inside a value (an interrupted write?)"
             ) from None
         raise error(f"{where}: corrupt JSON (line {failure.lineno} column {failure.colno}: {failure.msg})") from None
+
+
+def ends_inside_a_value(text: str, position: int) -> bool:
+    """Whether a JSON error at ``position`` only means the text stops early: nothing but whitespace follows it,
+    or only the start of a number or literal does (a write cut after ``1.`` or inside ``tru``, where the decoder
+    stops one token before the end)."""
+    rest = text.rstrip()[position:]
+    return not rest or set(rest) <= _NUMBER_CHARACTERS or any(word.startswith(rest) for word in _LITERALS)
 
 
 def read_json(path: str | Path, error: type[RobustftError] = FileContentError) -> Any:
