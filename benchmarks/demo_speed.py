@@ -7,7 +7,9 @@ Usage (from the repository root; minutes to hours, run it in the background with
 With ``--seed-workers N`` the two-seed run is ``demo --seeds 0,1 --seed-workers N``: its N worker processes get
 ``--threads`` torch threads each (the command ``--threads`` x N), and one more run, ``after_all_cores``, is one
 seed with those ``--threads`` x N threads in one process. Two seeds are then measured against both one-seed
-baselines: ``after`` (the same threads per process) and ``after_all_cores`` (the same cores).
+baselines: ``after`` (the same threads per process) and ``after_all_cores`` (the same cores); and
+``after_2_seeds_one_process`` runs the two seeds one after another in one process on the same cores (no workers),
+the alternative the workers have to beat.
 
 Both commits' packages are extracted with ``git archive`` into a temporary folder; each demo runs
 as its own ``python -m robustft demo`` process with ``PYTHONPATH`` pointing at one tree or the other, one
@@ -32,6 +34,7 @@ from pathlib import Path
 from bench_support import machine_load
 
 ROOT = Path(__file__).resolve().parent.parent
+RUN_NAMES = ("before", "after", "after_2_seeds", "after_all_cores", "after_2_seeds_one_process")
 
 
 def extract(commit: str, into: Path) -> Path:
@@ -97,14 +100,12 @@ def main() -> None:
         "--seed-workers",
         type=int,
         default=1,
-        help="the two-seed run's --seed-workers (N > 1 also runs one seed with --threads x N: after_all_cores)",
+        help="the two-seed run's --seed-workers (N > 1 adds after_all_cores, after_2_seeds_one_process)",
     )
-    parser.add_argument(
-        "--only", default=None, help="run only these of before,after,after_2_seeds,after_all_cores (a rerun)"
-    )
+    parser.add_argument("--only", default=None, help=f"run only these of {','.join(RUN_NAMES)} (a rerun)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/demo_speed.json")
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {"before": [], "after": [], "after_2_seeds": [], "after_all_cores": []}
+    runs: dict[str, list[dict]] = {name: [] for name in RUN_NAMES}
     args.after_commit = subprocess.run(  # resolved now: later commits while it runs are not what was measured
         ["git", "-C", str(ROOT), "rev-parse", "--short", args.after], capture_output=True, text=True
     ).stdout.strip()
@@ -133,8 +134,9 @@ def round_plan(args: argparse.Namespace, before: Path, after: Path) -> list[tupl
     plan = [("before", before, None, args.threads, 1), ("after", after, None, args.threads, 1)]
     if not args.no_seeds:  # each of the two-seed run's processes gets --threads threads
         plan.append(("after_2_seeds", after, "0,1", args.threads * processes, args.seed_workers))
-        if processes > 1:  # one seed on the cores the two-seed run uses
+        if processes > 1:  # one seed, and the two seeds in one process, on the cores the two-seed run uses
             plan.append(("after_all_cores", after, None, args.threads * processes, 1))
+            plan.append(("after_2_seeds_one_process", after, "0,1", args.threads * processes, 1))
     return [step for step in plan if args.only is None or step[0] in args.only.split(",")]
 
 
@@ -148,7 +150,7 @@ def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
         return statistics.median(values) if values else None
 
     before, after, two = median("before"), median("after"), median("after_2_seeds")
-    all_cores = median("after_all_cores")
+    all_cores, one_process = median("after_all_cores"), median("after_2_seeds_one_process")
     report = {
         "benchmark": "demo_speed",
         "command": " ".join(["python", *sys.argv]),
@@ -159,10 +161,11 @@ def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
         "threads": args.threads,
         "seed_workers": args.seed_workers,
         "after_model": args.after_model or "demo default",
-        "median_seconds": {"before": before, "after": after, "after_2_seeds": two, "after_all_cores": all_cores},
+        "median_seconds": {name: median(name) for name in RUN_NAMES},
         "after_over_before": after / before if before and after else None,
         "two_seeds_over_one": two / after if two and after else None,  # the same threads per process
         "two_seeds_over_one_all_cores": two / all_cores if two and all_cores else None,  # the same cores
+        "two_seeds_one_process_over_one_all_cores": one_process / all_cores if one_process and all_cores else None,
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
