@@ -67,12 +67,9 @@ def compared(tmp_path_factory):
     output, _ = command.communicate(timeout=600)
     manifest = json.loads((out / "compare_runs.json").read_text())["runs"]  # before the call again
     logged: list[str] = []
-    again = execute_comparison(base, METHODS, SEEDS, out, log=logged.append, settings=settings, launcher=launcher(2))
+    workers = SeedWorkersLauncher(2)
+    again = execute_comparison(base, METHODS, SEEDS, out, log=logged.append, settings=settings, launcher=workers)
     return sequential, out, command, output, manifest, again, "\n".join(logged)
-
-
-def launcher(workers: int) -> SeedWorkersLauncher:
-    return SeedWorkersLauncher(workers)
 
 
 def results_of(row: dict) -> dict:
@@ -135,8 +132,8 @@ def test_an_error_in_a_worker_is_raised_as_itself_and_no_further_seed_starts(tmp
     from robustft.compare import plan_seed
 
     base, settings = load_compare_config(write_config(tmp_path, steps=STEPS))
-    plans = [plan for seed in (0, 1, 2) for plan in plan_seed(base, ["finetune"], seed, tmp_path / f"s{seed}", settings)]
-    workers = launcher(1)
+    plans = [plan for seed in (0, 1, 2) for plan in plan_seed(base, ["finetune"], seed, tmp_path / str(seed), settings)]
+    workers = SeedWorkersLauncher(1)
     tasks = workers.comparison_tasks(plans)
     torn = plans[0].run_dir / "config.yaml"
     torn.parent.mkdir(parents=True)
@@ -171,9 +168,13 @@ def test_the_demo_checks_its_seed_workers_before_any_run(tmp_path):
 
 
 def test_the_seed_workers_need_no_submitit():
-    """submitit is the cluster extra: without it the seed workers still load; --launcher submitit says what to do."""
+    """The CLI and compare load no launcher until one is asked for; submitit is the cluster extra: without it the
+    seed workers still load and --launcher submitit says what to install."""
     script = (
-        "import sys; sys.modules['submitit'] = None\n"
+        "import sys\n"
+        "import robustft.cli, robustft.compare, robustft.demo\n"
+        "assert 'robustft.launchers' not in sys.modules and 'submitit' not in sys.modules\n"
+        "sys.modules['submitit'] = None\n"
         "from robustft.errors import ConfigError\n"
         "from robustft.launchers import SeedWorkersLauncher, make_launcher\n"
         "assert SeedWorkersLauncher(2).workers == 2\n"
