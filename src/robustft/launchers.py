@@ -414,10 +414,12 @@ class _Registry:
 class SeedWorkersLauncher(Launcher):
     """The seeds of a comparison side by side: each seed's runs in one local worker process, ``workers`` at once.
 
-    Small models (the built-in ones, a ViT-S on a large GPU) use extra threads or a GPU poorly, so two seeds in
-    one process take about twice one seed; two processes, each with half the threads, take much less (what
-    DomainBed's and submitit's local sweeps do). A seed's runs stay in one process, in run order, so they still
-    share one prepared data set and model, and its logit cache, through one ``compare._SeedRunner``.
+    A model that uses extra threads or a GPU poorly (a small one, a ViT-S on a large GPU) takes about twice one
+    seed's time for two seeds in one process; two processes, each with half the threads (or one GPU each), can
+    take much less (what DomainBed's and submitit's local sweeps do). Each worker pays a fresh interpreter and
+    prepares its data and model again, so where one process already uses every core well it is the faster
+    choice (docs/distributed.md has a measurement). A seed's runs stay in one process, in run order, so they
+    still share one prepared data set and model, and its logit cache, through one ``compare._SeedRunner``.
 
     - **Threads.** Every worker runs ``torch.get_num_threads() // workers`` torch threads (at least one): each
       would otherwise take ``OMP_NUM_THREADS`` threads and the workers would oversubscribe the cores.
