@@ -39,6 +39,12 @@ ParallelOption = Annotated[int, typer.Option(help="at most this many jobs at onc
 RetriesOption = Annotated[
     int, typer.Option(help="resubmissions of a job that died without requeueing", rich_help_panel=_LAUNCH)
 ]
+SeedWorkersOption = Annotated[
+    int,
+    typer.Option(
+        help="run the seeds side by side in this many local processes, the threads (or GPUs) split between them"
+    ),
+]
 
 
 def _launcher(launcher: str, cluster: str, partition, account, gpus_per_job: int, time_minutes: int, parallel, retries):
@@ -61,6 +67,7 @@ def demo(
     model: Annotated[
         str, typer.Option(help="built-in model: glyph_clip (tiny CLIP, glyphs-shift) or digits_vit (digits-shift)")
     ] = "glyph_clip",
+    seed_workers: SeedWorkersOption = 1,
 ) -> None:
     """Every registered method on a built-in benchmark (default: the tiny CLIP): leaderboard, report and plot."""
     from robustft.compare import parse_methods_option, parse_seeds_option, print_leaderboard
@@ -76,6 +83,7 @@ def demo(
         log=console.print,
         seeds=parse_seeds_option(seeds) if seeds else None,
         model=model,
+        seed_workers=seed_workers,
     )
     print_leaderboard(results["leaderboard"], console)
     console.print(f"total time: {time.perf_counter() - start:.1f}s; report: {out / 'report.md'}")
@@ -457,6 +465,7 @@ def compare(
     time_minutes: TimeOption = 60,
     array_parallelism: ParallelOption = 8,
     max_retries: RetriesOption = 1,
+    seed_workers: SeedWorkersOption = 1,
 ) -> None:
     """Every chosen method on the config's data, each seed, into one leaderboard; finished runs are reused.
 
@@ -469,8 +478,10 @@ def compare(
         parse_methods_option,
         parse_seeds_option,
         print_leaderboard,
+        seed_workers_launcher,
     )
 
+    side_by_side = seed_workers_launcher(seed_workers, launcher)  # bad options fail before the config is read
     base, settings = load_compare_config(config, overrides)
     chosen = parse_methods_option(methods) if methods else parse_methods_option(",".join(settings.methods or []))
     chosen_seeds = parse_seeds_option(seeds) if seeds else settings.seeds or [base.seed]
@@ -484,9 +495,8 @@ def compare(
         progress=base.train.progress,
         settings=settings,
         source=str(config),
-        launcher=_launcher(
-            launcher, cluster, partition, account, gpus_per_job, time_minutes, array_parallelism, max_retries
-        ),
+        launcher=side_by_side
+        or _launcher(launcher, cluster, partition, account, gpus_per_job, time_minutes, array_parallelism, max_retries),
     )
     if comparison.leaderboard is None:
         raise typer.Exit(1)

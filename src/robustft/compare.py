@@ -289,6 +289,27 @@ def with_references(names: Sequence[str], log: Callable[[str], None]) -> list[st
 # ------------------------------------------------------------------------------------------ running
 
 
+def seed_workers_launcher(workers: int, launcher: str = "local") -> Launcher | None:
+    """``--seed-workers N``: None for 1 (this process runs the seeds one after another), else the launcher that
+    runs them side by side in N worker processes (``launchers.SeedWorkersLauncher``, imported only then).
+
+    Raises:
+        ConfigError: N below 1, or N above 1 with ``--launcher submitit`` (which already runs one job per run).
+    """
+    if workers < 1:
+        raise ConfigError(f"--seed-workers {workers}: must be at least 1")
+    if workers == 1:
+        return None
+    if launcher != "local":
+        raise ConfigError(
+            f"--seed-workers {workers} and --launcher {launcher} exclude each other: "
+            f"--launcher {launcher} already runs every run as its own job; drop one of the two options"
+        )
+    from robustft.launchers import SeedWorkersLauncher
+
+    return SeedWorkersLauncher(workers)
+
+
 def run_compare(
     base: RunConfig,
     methods: list[str] | None,
@@ -390,7 +411,10 @@ def execute_comparison(
                 continue
             label = f"{plan.config.name} ({plan.kind}, seed {seed})"
             overall.started(label)
-            results, status = seed_run.run(plan, redone)
+            if plan.run_dir in launched and not launched[plan.run_dir].results:  # stopped early in its job
+                results, status = None, launched[plan.run_dir].status
+            else:
+                results, status = seed_run.run(plan, redone)
             entry_of_run = next(iter((results or {}).get("methods", {}).values()), {})
             overall.finished(label, f"{status}: {results_summary(entry_of_run)}", timed=status == "fitted")
             entry = {"seed": seed, "method": plan.method, "run_dir": str(plan.run_dir), "status": status}

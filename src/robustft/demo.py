@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustft.compare import INGREDIENTS_DIR, CompareSection, execute_comparison
+from robustft.compare import INGREDIENTS_DIR, CompareSection, execute_comparison, seed_workers_launcher
 from robustft.config import RunConfig, parse_config
 from robustft.errors import ConfigError
 from robustft.methods import checked
@@ -156,6 +156,7 @@ def run_demo(
     seeds: list[int] | None = None,
     model: str = "glyph_clip",
     split_sizes: dict[str, int] | None = None,
+    seed_workers: int = 1,
 ) -> dict[str, Any]:
     """``robustft compare`` on a built-in model's benchmark with the demo recipe; writes ``out/report.md`` and
     ``out/leaderboard.*``.
@@ -166,8 +167,11 @@ def run_demo(
     get fine-tunes at the model recipe's ``soup_learning_rates`` (``MODEL_RECIPES``) in
     ``out/soup_ingredients/``. With one seed the runs sit
     directly in ``out/``; with several (``seeds``) in ``out/seed<k>/``. Finished runs are reused.
+    ``seed_workers`` above 1 runs the seeds side by side in that many worker processes
+    (``compare.seed_workers_launcher``).
     """
     start = time.perf_counter()
+    launcher = seed_workers_launcher(seed_workers)
     seeds = seeds or [seed]
     base = demo_config("finetune", seeds[0], out, epochs, progress=progress, model=model, split_sizes=split_sizes)
     settings = CompareSection(
@@ -187,6 +191,7 @@ def run_demo(
         seed_dirs=len(seeds) > 1,
         source="demo",
         title=f"robustft demo: {BENCHMARK_TITLES[model]}",
+        launcher=launcher,
     )
     merged = dict(comparison.per_seed[seeds[0]])
     merged["total_seconds"] = time.perf_counter() - start

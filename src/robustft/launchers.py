@@ -1,7 +1,10 @@
-"""Where the runs of ``compare`` / ``sweep`` / ``domainbed`` execute: in this process, or one submitit job each.
+"""Where the runs of ``compare`` / ``sweep`` / ``domainbed`` execute: in this process, one submitit job each, or
+(``compare --seed-workers N``) one local worker process per seed.
 
 ``local`` (the default) is robustft's in-process behaviour: the command fits its runs one after another and
-shares one loaded model and data set between them. ``submitit`` hands every run to submitit's executors, one
+shares one loaded model and data set between them. ``seed-workers`` (:class:`SeedWorkersLauncher`) runs the
+seeds of a comparison side by side, one worker process per seed with a share of the threads (or its own GPU).
+``submitit`` hands every run to submitit's executors, one
 job per run, on SLURM (``SlurmExecutor`` through ``AutoExecutor``, sbatch written by submitit) or as local
 subprocesses (``LocalExecutor``); robustft writes no batch scripts of its own. The command waits for the jobs,
 then assembles the leaderboard / table from the finished run directories exactly as the local path reads back
@@ -26,17 +29,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import submitit
-
 from robustft.errors import ConfigError, RobustftError
 from robustft.files import atomic_write
+
+try:  # optional (robustft[cluster]): only --launcher submitit needs it, not the local launchers
+    import submitit
+
+    _JobBase: type = submitit.helpers.Checkpointable
+except ImportError:
+    submitit = None
+    _JobBase = object
 
 JOBS_FILE = "launcher_jobs.json"
 JOBS_DIR = "jobs"
@@ -139,7 +153,7 @@ class LocalLauncher(Launcher):
 # ------------------------------------------------------------------------------------------- jobs
 
 
-class RunJob(submitit.helpers.Checkpointable):
+class RunJob(_JobBase):
     """The callable a job runs: one run of a comparison (``role="compare"``) or one sweep/DomainBed point.
 
     Pickled by submitit with everything it needs (the planned run and its config), so a job depends on
@@ -246,6 +260,10 @@ class SubmititLauncher(Launcher):
     options: ClusterOptions = field(default_factory=ClusterOptions)
     poll_seconds: float = POLL_SECONDS
     name = "submitit"
+
+    def __post_init__(self) -> None:
+        if submitit is None:
+            raise ConfigError("--launcher submitit needs the submitit package: pip install 'robustft[cluster]'")
 
     @property
     def gpus_per_job(self) -> int:  # type: ignore[override]
@@ -387,6 +405,226 @@ class _Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"runs": self.runs}, indent=2) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------------- seed workers
+
+
+@dataclass
+class SeedWorkersLauncher(Launcher):
+    """The seeds of a comparison side by side: each seed's runs in one local worker process, ``workers`` at once.
+
+    A model that uses extra threads or a GPU poorly (a small one, a ViT-S on a large GPU) takes about twice one
+    seed's time for two seeds in one process; two processes, each with half the threads (or one GPU each), can
+    take much less (what DomainBed's and submitit's local sweeps do). Each worker pays a fresh interpreter and
+    prepares its data and model again, so where one process already uses every core well it is the faster
+    choice (docs/distributed.md has a measurement). A seed's runs stay in one process, in run order, so they
+    still share one prepared data set and model, and its logit cache, through one ``compare._SeedRunner``.
+
+    - **Threads.** Every worker runs ``torch.get_num_threads() // workers`` torch threads (at least one): each
+      would otherwise take ``OMP_NUM_THREADS`` threads and the workers would oversubscribe the cores.
+    - **GPUs.** With several GPUs visible, worker *i* gets GPU *i* (round-robin when there are more workers than
+      GPUs) through ``CUDA_VISIBLE_DEVICES``, set before CUDA starts in the worker. With one GPU the workers
+      share it: worth it for a small model that leaves the GPU idle, not for a big one that fills it.
+    - **Lifetime.** A worker gets ``SIGTERM`` when the command dies (Linux ``PR_SET_PDEATHSIG``), so a killed
+      command leaves no process writing into a run directory; the same command again resumes the interrupted
+      runs from their checkpoints.
+    - **Failures.** The first error of a worker is raised in the command with its message (a ``RobustftError``
+      stays one: one ``robustft: error:`` line); seeds not started are cancelled, running ones finish first.
+      A run that stops early (``train.stop_after``) ends its seed's worker; the comparison reports it as stopped.
+
+    Workers are started with ``spawn`` (a fresh interpreter: no forked torch threads or CUDA state), at most
+    one per seed that has runs to do.
+    """
+
+    workers: int = 2
+    name = "seed-workers"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--seed-workers {self.workers}: must be at least 1")
+
+    def execute(self, tasks: Sequence[RunTask], out: Path, log: Callable[[str], None]) -> dict[Path, Outcome]:
+        groups = seed_groups(tasks)
+        if not groups:
+            return {}
+        workers = min(self.workers, len(groups))
+        threads = worker_threads(workers)
+        devices = worker_devices(workers)
+        where = f", GPUs {', '.join(devices)}" if devices else ""
+        log(f"running {len(groups)} seed(s) in {workers} worker process(es), {threads} torch thread(s) each{where}")
+        with seed_worker_pool(workers, threads, devices) as pool:
+            return _run_groups(pool, groups, workers, log)
+
+
+def _run_groups(
+    pool: ProcessPoolExecutor, groups: dict[int, list[RunTask]], workers: int, log: Callable[[str], None]
+) -> dict[Path, Outcome]:
+    """Each group in ``pool``, at most ``workers`` submitted at once (a submitted group cannot be withdrawn).
+
+    After the first error no further seed starts; the running ones finish (their runs stay finished or
+    resumable), then the error is raised.
+    """
+    waiting = list(groups.items())
+    running: dict[Future, int] = {}
+    outcomes: dict[Path, Outcome] = {}
+    error: BaseException | None = None
+    while running or (waiting and error is None):
+        while waiting and error is None and len(running) < workers:
+            seed, group = waiting.pop(0)
+            running[pool.submit(_run_seed_group, seed, group)] = seed
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            seed = running.pop(future)
+            if future.exception() is None:
+                outcomes |= future.result()
+            elif error is None:
+                error = future.exception()
+                log(_failure_note(seed, list(running.values()), [other for other, _ in waiting]))
+    if error is not None:
+        raise _reported(error)
+    return outcomes
+
+
+def _failure_note(seed: int, running: list[int], not_started: list[int]) -> str:
+    """What the command does after seed ``seed`` failed: wait for the running seeds, start no other."""
+    note = f"seed {seed} failed"
+    if running:
+        note += f"; waiting for seed(s) {', '.join(map(str, running))} to finish their runs"
+    if not_started:
+        note += f"; seed(s) {', '.join(map(str, not_started))} not started"
+    return note
+
+
+def seed_worker_pool(workers: int, threads: int, devices: list[str]) -> ProcessPoolExecutor:
+    """``workers`` spawned processes, each set up by ``_start_seed_worker`` with ``threads`` and one of ``devices``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or CUDA state
+    queue = context.Queue() if devices else None
+    for device in devices:
+        queue.put(device)  # type: ignore[union-attr]
+    initargs = (threads, queue, os.getpid())
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_seed_worker, initargs=initargs)
+
+
+def seed_groups(tasks: Sequence[RunTask]) -> dict[int, list[RunTask]]:
+    """The tasks by seed (``task.job.plan.config.seed``), in first-seen seed order and run order inside a seed."""
+    groups: dict[int, list[RunTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.job.plan.config.seed, []).append(task)
+    return groups
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker: this process's threads shared out, at least one each."""
+    import torch
+
+    return max(1, torch.get_num_threads() // workers)
+
+
+def worker_devices(workers: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker (round-robin over the visible GPUs); empty below two GPUs.
+
+    The entries are this process's own (``CUDA_VISIBLE_DEVICES=2,3`` gives the workers ``2`` and ``3``), so a
+    command restricted to some GPUs stays on them.
+    """
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = [entry.strip() for entry in visible.split(",")] if visible else []
+    entries = entries[: torch.cuda.device_count()] or [str(index) for index in range(torch.cuda.device_count())]
+    return [entries[index % len(entries)] for index in range(workers)]
+
+
+def _start_seed_worker(threads: int, devices: Any, parent_pid: int) -> None:
+    """A worker's set-up, before any work: die with the command, take a GPU, then set the torch threads."""
+    _die_with_parent(parent_pid)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get(timeout=60)  # before CUDA starts in this process
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """``SIGTERM`` when the command's process exits (Linux); a command already gone ends the worker now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the command died before the signal was asked for
+        os._exit(1)
+
+
+def _run_seed_group(seed: int, tasks: list[RunTask]) -> dict[Path, Outcome]:
+    """One seed's runs, in order, through one ``_SeedRunner`` (one prepared data set, model and logit cache).
+
+    A run redone here makes its post-hoc dependants redo too (``compare.run_action``); a run that stops early
+    ends the seed (the later runs may combine it). An error is raised as one the command can unpickle.
+    """
+    from robustft.compare import _SeedRunner
+
+    log = _seed_log(seed)
+    import torch
+
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = f", CUDA_VISIBLE_DEVICES={devices}" if devices and torch.cuda.is_available() else ""
+    log(f"worker pid {os.getpid()}, {torch.get_num_threads()} torch thread(s){gpu}: {len(tasks)} run(s)")
+    runner = _SeedRunner(tasks[0].job.plan.config, None, log)
+    redone: set[Path] = set()
+    outcomes: dict[Path, Outcome] = {}
+    try:
+        for task in tasks:
+            plan = task.job.plan
+            inputs = set(plan.inputs) if task.job.redo_inputs else set()
+            results, status = runner.run(plan, redone | inputs)
+            outcomes[task.run_dir] = Outcome(results or None, status, f"seed{seed}")
+            if not results:
+                log(f"{plan.run_dir}: stopped early (train.stop_after); the seed's later runs wait for the next call")
+                break
+            if status == "fitted":
+                redone.add(plan.run_dir)
+    except Exception as error:
+        raise _transferable(error) from None
+    return outcomes
+
+
+def _seed_log(seed: int) -> Callable[[str], None]:
+    """A worker's log: every line prefixed ``seed <k>: `` (the workers' lines interleave), flushed at once."""
+
+    def log(message: str) -> None:
+        print("\n".join(f"seed {seed}: {line}" for line in str(message).splitlines() or [""]), flush=True)
+
+    return log
+
+
+def _transferable(error: Exception) -> Exception:
+    """``error`` if it survives pickling to the command, else one with its message (a ``RobustftError`` stays one).
+
+    An exception whose constructor takes other arguments than its message would not unpickle in the command and
+    would break the pool instead of being reported. A bug keeps its traceback text in the message.
+    """
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        if isinstance(error, RobustftError):
+            return RobustftError(str(error))
+        return RuntimeError("".join(traceback.format_exception(error)).rstrip())
+    return error
+
+
+def _reported(error: BaseException) -> BaseException:
+    """A worker's error as the command raises it; a worker that died (killed, out of memory) is one line too."""
+    if isinstance(error, BrokenProcessPool):
+        return RobustftError(
+            f"a seed worker process died without an error (killed, or out of memory?): {error}; "
+            "run the same command again to resume its runs"
+        )
+    return error
 
 
 def make_launcher(name: str, options: ClusterOptions | None = None) -> Launcher:
